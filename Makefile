@@ -1,0 +1,37 @@
+# Two commands do everything:  make run  (the notebooks of a profile)  and  make test.
+# Both set up what is missing first (system packages when possible, .venv, the project) and reuse
+# what exists, so a second call starts at once.
+PROFILE ?= quick
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.audiokd-installed
+FROM ?=
+# Threads: small models on a 2-core machine run faster on one thread, and OpenMP spin-waiting
+# under contention turned 7 ms inferences into 1 s ones (DESIGN.md): wait passively.
+export OMP_WAIT_POLICY ?= PASSIVE
+export MPLBACKEND ?= Agg
+
+.PHONY: run test setup notebooks lab clean-outputs
+
+run: setup
+	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM))
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install --no-deps tinysoundfont==0.3.7
+	touch $(STAMP)
+
+# Rebuild every .ipynb from its reviewed .py twin (outputs never enter the committed notebooks).
+notebooks: setup
+	$(BIN)/jupytext --to ipynb --update notebooks/[0-9]*.py
+
+lab: setup
+	$(BIN)/jupyter lab --ip 127.0.0.1 notebooks/

@@ -1,0 +1,211 @@
+"""One parameter file per profile (params/<profile>.yaml), read and checked in one place.
+
+Every notebook and command reads its settings through :func:`load_params`. The schema below is the
+single list of what a profile may say; a key it does not know (a typo) or a value it does not accept
+(an unknown dataset name) stops everything at once with the key named, before minutes of work are
+spent on the wrong settings. pydantic does the checking because its errors carry the exact path of
+the offending key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .files import project_root
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used, with the file and key named."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NotesParams(_Section):
+    """Single rendered notes, the TinySOL-like classification task."""
+
+    instruments: list[str] | Literal["all"] = "all"  # TinySOL abbreviations, e.g. [Fl, Vn, TpC]
+    dynamics: list[Literal["pp", "mf", "ff"]] = ["pp", "mf", "ff"]
+    pitch_step: int = Field(1, ge=1, description="semitones between rendered pitches")
+    seconds: float = Field(2.0, ge=0.5, le=10.0)
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+
+
+class PiecesParams(_Section):
+    """Procedural multi-instrument pieces with exact stems, the Slakh/MUSDB-like task."""
+
+    count: int = Field(200, ge=0, description="pieces rendered with the training soundfonts")
+    heldout_count: int = Field(40, ge=0, description="pieces rendered with the held-out soundfont")
+    seconds: float = Field(10.0, ge=2.0, le=60.0)
+    sample_rate: int = Field(22050, ge=8000)
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+
+
+class DataParams(_Section):
+    dataset: Literal["rendered_notes"] = "rendered_notes"  # the clip table notebooks 02-07 use
+    sample_rate: int = Field(32000, ge=8000, description="rendering rate of the single notes")
+    synth: Literal["auto", "fluidsynth", "tinysoundfont"] = "auto"
+    train_soundfonts: list[str] = ["FluidR3_GM"]
+    heldout_soundfont: str | None = "MuseScore_General"
+    # Without the Debian soundfonts, render with TimGM6mb (shipped in pretty_midi) instead of
+    # failing; the substitution is printed and recorded in the data manifest.
+    allow_fallback_soundfont: bool = True
+    notes: NotesParams = NotesParams()
+    pieces: PiecesParams = PiecesParams()
+
+
+class FeatureParams(_Section):
+    """Log-mel front end shared by every student."""
+
+    sample_rate: int = Field(32000, ge=8000)
+    clip_seconds: float = Field(2.0, gt=0.0, description="every clip is cut or padded to this")
+    n_fft: int = 1024
+    win_length: int = 800
+    hop_length: int = 320
+    n_mels: int = 128
+    f_min: float = 0.0
+    f_max: float = 15000.0
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureParams:
+        if self.win_length > self.n_fft:
+            raise ValueError(f"win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})")
+        if self.f_max > self.sample_rate / 2:
+            raise ValueError(f"f_max ({self.f_max}) is above Nyquist ({self.sample_rate / 2})")
+        return self
+
+
+class SpecAugmentParams(_Section):
+    freq_mask: int = Field(16, ge=0, description="widest frequency mask, in mel bins")
+    time_mask: int = Field(40, ge=0, description="widest time mask, in frames")
+    n_masks: int = Field(2, ge=0, description="masks of each kind per example")
+
+
+class MixupParams(_Section):
+    alpha: float = Field(0.3, gt=0.0, description="Beta(alpha, alpha) mixing weights")
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class GainNoiseParams(_Section):
+    min_gain_db: float = -12.0
+    max_gain_db: float = 6.0
+    gain_p: float = Field(0.5, ge=0.0, le=1.0)
+    min_snr_db: float = 10.0
+    max_snr_db: float = 40.0
+    noise_p: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class RirParams(_Section):
+    min_rt60: float = Field(0.2, gt=0.0, description="seconds for the reverb tail to fall 60 dB")
+    max_rt60: float = Field(0.8, gt=0.0)
+    p: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class CodecParams(_Section):
+    formats: list[Literal["mp3", "opus"]] = ["mp3", "opus"]
+    min_kbps: int = Field(24, ge=6)
+    max_kbps: int = Field(64, ge=6)
+    p: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class AugmentParams(_Section):
+    specaugment: SpecAugmentParams = SpecAugmentParams()
+    mixup: MixupParams = MixupParams()
+    gain_noise: GainNoiseParams = GainNoiseParams()
+    rir: RirParams = RirParams()
+    codec: CodecParams = CodecParams()
+
+
+class Params(_Section):
+    profile: str
+    seed: int = 0
+    outputs: str = "outputs/{profile}"  # relative to the project root
+    threads: int = Field(1, ge=1, description="torch CPU threads; small models run best on 1")
+    notebooks: list[str] | Literal["all"] = "all"  # which notebooks `audiokd run` executes
+    data: DataParams = DataParams()
+    features: FeatureParams = FeatureParams()
+    augment: AugmentParams = AugmentParams()
+
+    @property
+    def output_dir(self) -> Path:
+        """Folder every artefact of this profile is written under."""
+        path = Path(self.outputs.format(profile=self.profile))
+        return path if path.is_absolute() else project_root() / path
+
+    def fingerprint(self, section: str) -> str:
+        """Short hash of one section, to tell artefacts made with other settings apart."""
+        blob = json.dumps(getattr(self, section).model_dump(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in chain:
+        raise ParamsError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))})")
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such parameter file (profiles live in params/<profile>.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values at the top level")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = Path(parent)
+    if not parent_path.suffix:
+        parent_path = parent_path.with_suffix(".yaml")
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    return _merge(_read_yaml(parent_path, (*chain, path)), raw)
+
+
+def _explain(err: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Params
+        for part in err["loc"][:-1]:
+            annotation = model.model_fields[str(part)].annotation
+            model = annotation if isinstance(annotation, type) else model
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{path}: unknown key '{key}'{hint}; valid keys here: {', '.join(model.model_fields)}"
+    return f"{path}: key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def load_params(path: str | Path) -> Params:
+    """Read a profile's YAML (following `extends:`) and check every key and value."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = project_root() / path
+    raw = _read_yaml(path)
+    raw.setdefault("profile", path.stem)
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise ParamsError("\n".join(_explain(e, path) for e in err.errors())) from None
+
+
+def snapshot(params: Params) -> str:
+    """The fully resolved parameters as YAML, saved next to every run's outputs."""
+    return yaml.safe_dump(params.model_dump(), sort_keys=False)

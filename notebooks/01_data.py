@@ -1,0 +1,141 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Data: instrument notes and pieces with exact stems
+#
+# Everything in this course learns from a **table of clips**: a path, its labels, its split, its
+# source. This notebook builds two such tables without downloading anything, by *rendering* audio
+# from General MIDI soundfonts (collections of recorded instrument samples):
+#
+# 1. **single notes**, like [TinySOL](https://zenodo.org/record/3685367): 14 orchestral instruments,
+#    every semitone of their range, three dynamics. This is the classification task of notebooks 02-07.
+# 2. **pieces with stems**, like Slakh or MUSDB: ten-second procedural songs (chords, bass line, drums,
+#    melody) where every instrument is rendered on its own, so the exact stems are known. Notebook 08
+#    separates them.
+#
+# Rendering gives what recordings rarely do: exact labels, exact stems, and a controlled **domain
+# shift**. We render the training data with one soundfont and keep another soundfont's timbres for a
+# `heldout` split that no model trains on: it tells us whether a model learnt *instruments* or just
+# *one sample library*.
+
+# %% tags=["parameters"]
+params_file = "params/quick.yaml"
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import soundfile as sf
+
+from audiokd_lib import data, plots
+from audiokd_lib.audio import load_audio
+from audiokd_lib.params import load_params
+
+params = load_params(params_file)
+print(f"profile {params.profile}: outputs in {params.output_dir}")
+
+# %% [markdown]
+# ## Soundfonts
+#
+# The profile names the training soundfonts and the held-out one. On Debian, `make` installs
+# FluidR3_GM and MuseScore General; without them the project substitutes TimGM6mb (shipped inside the
+# `pretty_midi` package) and says so here and in the data manifest, so nothing changes silently.
+
+# %%
+plan = data.plan_soundfonts(params.data)
+print("training soundfonts:", {name: str(path) for name, path in plan.train.items()})
+print("held-out soundfont: ", plan.heldout)
+for notice in plan.notices:
+    print("NOTE:", notice)
+
+# %% [markdown]
+# ## Single notes
+#
+# Each note is held for three quarters of the clip and then released, written as a 16-bit FLAC in
+# TinySOL's folder layout with a metadata CSV in TinySOL's own columns, so the same loader reads the
+# real dataset. Some soundfonts have no sample for some keys (FluidR3's contrabass above MIDI 57):
+# such renders are silent, detected, and dropped. Rendering resumes: a second run only renders what
+# is missing.
+
+# %%
+notes_report = data.render_notes_dataset(params, plan)
+print(notes_report.summary())
+
+# %%
+notes_meta = notes_report.metadata
+counts = notes_meta.pivot_table(index="Instrument (in full)", columns="Soundfont", values="Path", aggfunc="count")
+fig, ax = plt.subplots(figsize=(9, 4))
+counts.plot.barh(ax=ax)
+ax.set(xlabel="notes", ylabel="", title="Rendered notes per instrument and soundfont")
+plots.save_fig(fig, params, "01_notes_per_instrument")
+plt.show()
+
+# %% [markdown]
+# Listen to one instrument at the three dynamics. Dynamics change loudness *and* timbre (a soundfont
+# may switch samples with velocity): a classifier must not mistake loud for brass.
+
+# %%
+flute = notes_meta[notes_meta["Instrument (abbr.)"] == "Fl"]
+example = flute[flute["Pitch ID"] == flute["Pitch ID"].iloc[len(flute) // 2]]
+for _, row in example.iterrows():
+    wave = load_audio(notes_report.root / row["Path"], mono=True)
+    print(row["Instrument (in full)"], row["Pitch"], row["Dynamics"], row["Soundfont"])
+    display(plots.player(wave, params.data.sample_rate))
+
+# %% [markdown]
+# ## Pieces with stems
+#
+# A piece is built from procedural MIDI: a chord progression, a bass line on its roots, a drum
+# pattern on the General MIDI percussion channel, and melody or accompaniment parts drawn from piano,
+# guitar, strings, brass, woodwinds and a voice-like part. A random subset of parts plays in each
+# piece. Every part is rendered alone (its **stem**), and the mixture is defined as the exact sum of
+# the stems: ground truth for separation that a single-pass render could not give.
+
+# %%
+piece_reports = data.render_pieces_dataset(params, plan)
+for report in piece_reports:
+    print(report.summary())
+
+# %%
+if piece_reports:
+    piece = data.render.read_pieces(piece_reports[0].root).iloc[0]
+    mixture, rate = sf.read(piece["path"], dtype="float32")
+    stems = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(Path(piece["stems_dir"]).glob("*.wav"))}
+    error = np.abs(sum(stems.values()) - mixture).max()
+    print(f"{piece['sample_key']}: {', '.join(stems)}; max |sum(stems) - mixture| = {error:.2e}")
+    assert error < 1e-5, "the mixture must be the exact sum of its stems"
+    display(plots.player(mixture[None], rate))
+    for name, stem in stems.items():
+        print(name)
+        display(plots.player(stem[None], rate))
+
+# %% [markdown]
+# ## The clip tables and their splits
+#
+# `train`, `val` and `test` come from the training soundfonts; all dynamics of one instrument's
+# pitch stay in the same split, because a pp and an ff of the same note are near-copies. `heldout`
+# holds every clip of the held-out soundfont.
+
+# %%
+clips, pieces = data.build_clip_tables(params, plan)
+print(pd.crosstab(clips["label"], clips["split"], margins=True))
+print(pieces["split"].value_counts())
+
+# %%
+# What must hold before moving on.
+train_test = clips[clips["split"].isin(["train", "test"])]
+leaks = train_test.groupby(["label", "pitch_id"])["split"].nunique().max()
+assert leaks == 1, "a pitch of an instrument appears in both train and test"
+assert set(clips.loc[clips["split"] == "heldout", "soundfont"]) <= {plan.heldout[0] if plan.heldout else None}
+assert clips["label"].nunique() == len(clips.loc[clips["split"] == "train", "label"].unique()), "a class has no training clips"
+print("clip tables saved:", data.data_dir(params))

@@ -1,0 +1,68 @@
+"""The papermill runner: order, a clear stop at the first failure, and resuming."""
+
+from __future__ import annotations
+
+import nbformat
+import pytest
+
+from audiokd_lib.cli import main
+from audiokd_lib.runner import NotebookFailed, run_notebooks, select_notebooks
+from conftest import write_profile
+
+
+def make_notebook(folder, name, code):
+    cells = [nbformat.v4.new_code_cell('params_file = "params/quick.yaml"', metadata={"tags": ["parameters"]}),
+             nbformat.v4.new_code_cell(code)]
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, folder / f"{name}.ipynb")
+
+
+@pytest.fixture
+def chain(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    make_notebook(notebooks, "01_ok", "print('one', params_file)")
+    make_notebook(notebooks, "02_fails", "x = 1\nraise ValueError('the clip table is empty')")
+    make_notebook(notebooks, "03_after", "print('three')")
+    profile = write_profile(tmp_path, f"profile: chain\noutputs: {tmp_path / 'out'}\n")
+    return notebooks, profile, tmp_path / "out" / "notebooks"
+
+
+def test_failure_stops_the_chain_naming_notebook_and_cell(chain):
+    notebooks, profile, out = chain
+    with pytest.raises(NotebookFailed) as info:
+        run_notebooks(profile, notebooks_dir=notebooks, log=lambda *_: None)
+    message = str(info.value)
+    assert "notebook 02_fails failed in cell" in message
+    assert "x = 1" in message and "ValueError: the clip table is empty" in message
+    assert "--from 02_fails" in message
+    assert (out / "01_ok.ipynb").exists() and (out / "02_fails.ipynb").exists()
+    assert not (out / "03_after.ipynb").exists()
+    # The executed copy received the profile's parameters.
+    executed = nbformat.read(out / "01_ok.ipynb", as_version=4)
+    assert str(profile) in executed.cells[2]["outputs"][0]["text"]
+
+
+def test_resume_from_a_notebook(chain):
+    notebooks, profile, out = chain
+    make_notebook(notebooks, "02_fails", "print('fixed')")
+    runs = run_notebooks(profile, start="02", notebooks_dir=notebooks, log=lambda *_: None)
+    assert [r.name for r in runs] == ["02_fails", "03_after"]
+    assert not (out / "01_ok.ipynb").exists()
+    assert (out.parent / "run_times.csv").read_text().count("\n") == 3
+
+
+def test_selection_rejects_unknown_names():
+    available = ["01_data", "02_features"]
+    assert select_notebooks(available, "all", "02_features") == ["02_features"]
+    with pytest.raises(ValueError, match="unknown notebook"):
+        select_notebooks(available, ["01_data", "09_nope"], None)
+    with pytest.raises(ValueError, match="matches none"):
+        select_notebooks(available, "all", "07")
+
+
+def test_cli_reports_a_bad_params_file(tmp_path, capsys):
+    bad = write_profile(tmp_path, "profile: x\ndata: {dataset: nope}\n")
+    assert main(["run", "--params", str(bad)]) == 1
+    assert "data.dataset" in capsys.readouterr().err
