@@ -1,0 +1,52 @@
+"""Log-mel front end and normalisation statistics."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from audiokd_lib.audio import save_audio
+from audiokd_lib.features import LogMel, NormStats, compute_norm_stats, frames_per_clip
+from audiokd_lib.params import FeatureParams
+
+
+def tone(freq: float, rate: int = 32000, seconds: float = 1.0) -> torch.Tensor:
+    t = torch.arange(int(rate * seconds)) / rate
+    return (0.3 * torch.sin(2 * torch.pi * freq * t))[None]
+
+
+def test_logmel_shape_and_peak_band():
+    fp = FeatureParams(clip_seconds=1.0)
+    mel = LogMel(fp)(tone(1000.0))
+    assert mel.shape == (1, 1, fp.n_mels, frames_per_clip(fp))
+    assert torch.isfinite(mel).all()
+    low = LogMel(fp)(tone(200.0))
+    # A higher tone lights a higher mel band.
+    assert mel[0, 0].mean(dim=1).argmax() > low[0, 0].mean(dim=1).argmax()
+
+
+def test_norm_stats_use_training_clips_only_and_skip_unreadable(tmp_path):
+    fp = FeatureParams(clip_seconds=0.5)
+    rows = []
+    for i, (freq, split) in enumerate([(300, "train"), (600, "train"), (5000, "test")]):
+        rows.append({"path": str(save_audio(tmp_path / f"{i}.wav", tone(freq, seconds=0.5), 32000)), "split": split})
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEjunk")
+    rows.append({"path": str(broken), "split": "train"})
+    table = pd.DataFrame(rows)
+    with pytest.warns(UserWarning, match="broken.wav"):
+        stats = compute_norm_stats(table, fp, "f", "d", progress=False)
+    assert stats.clips == 2 and len(stats.skipped) == 1
+    train_only = compute_norm_stats(table.iloc[:2], fp, "f", "d", progress=False)
+    assert torch.allclose(stats.mean, train_only.mean)
+    normalised = stats.normalise(torch.cat([LogMel(fp)(tone(300, seconds=0.5)), LogMel(fp)(tone(600, seconds=0.5))]))
+    assert normalised.mean().abs() < 0.05
+
+
+def test_saved_stats_refuse_other_settings(tmp_path):
+    stats = NormStats(torch.zeros(4), torch.ones(4), 3, [], "front", "data")
+    path = stats.save(tmp_path / "stats.json")
+    assert NormStats.load(path, "front", "data").clips == 3
+    with pytest.raises(ValueError, match="features_fingerprint"):
+        NormStats.load(path, "other", "data")
