@@ -96,6 +96,12 @@ class MixupParams(_Section):
     p: float = Field(0.5, ge=0.0, le=1.0)
 
 
+def _ordered(section: _Section, *pairs: tuple[str, str]) -> None:
+    for low, high in pairs:
+        if getattr(section, low) > getattr(section, high):
+            raise ValueError(f"{low} ({getattr(section, low)}) must not exceed {high} ({getattr(section, high)})")
+
+
 class GainNoiseParams(_Section):
     min_gain_db: float = -12.0
     max_gain_db: float = 6.0
@@ -104,18 +110,33 @@ class GainNoiseParams(_Section):
     max_snr_db: float = 40.0
     noise_p: float = Field(0.3, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _check(self) -> GainNoiseParams:
+        _ordered(self, ("min_gain_db", "max_gain_db"), ("min_snr_db", "max_snr_db"))
+        return self
+
 
 class RirParams(_Section):
     min_rt60: float = Field(0.2, gt=0.0, description="seconds for the reverb tail to fall 60 dB")
     max_rt60: float = Field(0.8, gt=0.0)
     p: float = Field(0.3, ge=0.0, le=1.0)
 
+    @model_validator(mode="after")
+    def _check(self) -> RirParams:
+        _ordered(self, ("min_rt60", "max_rt60"))
+        return self
+
 
 class CodecParams(_Section):
-    formats: list[Literal["mp3", "opus"]] = ["mp3", "opus"]
-    min_kbps: int = Field(24, ge=6)
+    formats: list[Literal["mp3", "opus"]] = Field(["mp3", "opus"], min_length=1)
+    min_kbps: int = Field(32, ge=6, description="MP3 cannot go below 32 kb/s at 32 kHz and above")
     max_kbps: int = Field(64, ge=6)
     p: float = Field(0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CodecParams:
+        _ordered(self, ("min_kbps", "max_kbps"))
+        return self
 
 
 class AugmentParams(_Section):

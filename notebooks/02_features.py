@@ -35,7 +35,7 @@ import torch
 from audiokd_lib import augment, data, plots
 from audiokd_lib.audio import audio_backend, load_audio, load_clip, resample, save_audio
 from audiokd_lib.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, iter_logmels
-from audiokd_lib.params import load_params
+from audiokd_lib.params import GainNoiseParams, load_params
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
@@ -92,11 +92,12 @@ print("log-mel of one clip:", tuple(logmel(wave).shape), "(batch, channel, mel b
 # %%
 wave = load_clip(example["path"], fp.sample_rate, fp.clip_seconds)
 rng = np.random.default_rng(params.seed)
+fixed_gain_noise = GainNoiseParams(min_gain_db=-9, max_gain_db=-9, gain_p=1, min_snr_db=15, max_snr_db=15, noise_p=1)
 variants = {
     "clean": wave,
-    "gain -9 dB + noise 15 dB SNR": augment.add_noise(augment.apply_gain(wave, -9.0), 15.0, rng),
+    "gain -9 dB + noise 15 dB SNR": augment.gain_noise(wave, fp.sample_rate, fixed_gain_noise, rng),
     "reverb RT60 0.8 s": augment.add_reverb(wave, fp.sample_rate, 0.8, rng),
-    "MP3 24 kb/s": augment.codec_roundtrip(wave, fp.sample_rate, "mp3", 24),
+    "MP3 32 kb/s": augment.codec_roundtrip(wave, fp.sample_rate, "mp3", 32),
     "Opus 12 kb/s": augment.codec_roundtrip(wave, fp.sample_rate, "opus", 12),
 }
 fig, axes = plt.subplots(1, len(variants), figsize=(3.6 * len(variants), 3), sharey=True)
@@ -211,7 +212,7 @@ for path in train.sample(min(20, len(train)), random_state=params.seed)["path"]:
     rows.append({
         "decode + resample + mono": load_ms,
         "log-mel": mel_ms,
-        "gain + noise": timed(lambda w: augment.add_noise(augment.apply_gain(w, -6.0), 20.0, rng), wave)[1],
+        "gain + noise": timed(augment.gain_noise, wave, fp.sample_rate, fixed_gain_noise, rng)[1],
         "reverb": timed(augment.add_reverb, wave, fp.sample_rate, 0.5, rng)[1],
         "codec (MP3 32 kb/s)": timed(augment.codec_roundtrip, wave, fp.sample_rate, "mp3", 32)[1],
         "SpecAugment": timed(augment.spec_augment, mel, spec.freq_mask, spec.time_mask, spec.n_masks)[1],
