@@ -110,7 +110,7 @@ for report in piece_reports:
 if piece_reports:
     piece = data.render.read_pieces(piece_reports[0].root).iloc[0]
     mixture, rate = sf.read(piece["path"], dtype="float32")
-    stems = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(Path(piece["stems_dir"]).glob("*.wav"))}
+    stems = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(Path(piece["stems_dir"]).glob("*.flac"))}
     error = np.abs(sum(stems.values()) - mixture).max()
     print(f"{piece['sample_key']}: {', '.join(stems)}; max |sum(stems) - mixture| = {error:.2e}")
     assert error < 1e-5, "the mixture must be the exact sum of its stems"
