@@ -104,14 +104,18 @@ def render_pieces_dataset(params: Params, plan: SoundfontPlan, progress: bool = 
     return reports
 
 
+def _start_splits(table: pd.DataFrame, heldout: str | None) -> tuple[pd.DataFrame, pd.Series]:
+    table = table.copy()
+    is_heldout = table["soundfont"] == heldout
+    table["split"] = np.where(is_heldout, "heldout", "train")
+    return table, is_heldout
+
+
 def split_notes(table: pd.DataFrame, val_fraction: float, test_fraction: float, heldout: str | None,
                 seed: int) -> pd.DataFrame:
     """Assign train/val/test by (instrument, pitch) groups within each label; heldout by soundfont."""
     rng = np.random.default_rng(seed)
-    table = table.copy()
-    table["split"] = "train"
-    is_heldout = table["soundfont"] == heldout
-    table.loc[is_heldout, "split"] = "heldout"
+    table, is_heldout = _start_splits(table, heldout)
     for _, rows in table[~is_heldout].groupby("label", sort=True):
         pitches = rng.permutation(np.sort(rows["pitch_id"].unique()))
         n_test = round(len(pitches) * test_fraction)
@@ -126,10 +130,7 @@ def split_pieces(table: pd.DataFrame, val_fraction: float, test_fraction: float,
                  seed: int) -> pd.DataFrame:
     """Assign train/val/test to whole pieces at random; held-out-soundfont pieces to heldout."""
     rng = np.random.default_rng(seed)
-    table = table.copy()
-    table["split"] = "train"
-    is_heldout = table["soundfont"] == heldout
-    table.loc[is_heldout, "split"] = "heldout"
+    table, is_heldout = _start_splits(table, heldout)
     order = rng.permutation(table.index[~is_heldout].to_numpy())
     n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
     table.loc[order[:n_test], "split"] = "test"

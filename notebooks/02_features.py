@@ -143,7 +143,8 @@ for i in range(len(batch)):
     plots.show_logmel(axes[0, i], masked[i], hop_seconds, f"SpecAugment: {batch_paths['label'].iloc[i]}")
     top = mixed_labels[i].topk(2)
     plots.show_logmel(axes[1, i], mixed[i], hop_seconds,
-                      " + ".join(f"{classes[j]} {w:.2f}" for w, j in zip(top.values.tolist(), top.indices.tolist())))
+                      "\n+ ".join(f"{classes[j]} {w:.2f}" for w, j in zip(top.values.tolist(), top.indices.tolist())))
+fig.tight_layout()
 plots.save_fig(fig, params, "02_specaugment_mixup")
 plt.show()
 assert torch.allclose(mixed_labels.sum(dim=1), torch.ones(len(batch)))
@@ -214,7 +215,9 @@ for path in train.sample(min(20, len(train)), random_state=params.seed)["path"]:
         "log-mel": mel_ms,
         "gain + noise": timed(augment.gain_noise, wave, fp.sample_rate, fixed_gain_noise, rng)[1],
         "reverb": timed(augment.add_reverb, wave, fp.sample_rate, 0.5, rng)[1],
-        "codec (MP3 32 kb/s)": timed(augment.codec_roundtrip, wave, fp.sample_rate, "mp3", 32)[1],
+        # FFmpeg pays for two process starts per clip; soundfile (libsndfile) encodes in-process.
+        **{f"codec (MP3 32 kb/s, {engine})": timed(augment.codec_roundtrip, wave, fp.sample_rate, "mp3", 32, engine)[1]
+           for engine in sorted({augment.codec_engine(), "soundfile"})},
         "SpecAugment": timed(augment.spec_augment, mel, spec.freq_mask, spec.time_mask, spec.n_masks)[1],
     })
 timing_table = pd.DataFrame(rows).median().round(2).to_frame("median ms per clip")

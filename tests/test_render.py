@@ -43,6 +43,7 @@ BACKENDS = [
     ),
 ]
 
+# Written out here, not imported, so the test checks render.py against TinySOL itself.
 TINYSOL_HEADER = [
     "Path",
     "Fold",
