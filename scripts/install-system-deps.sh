@@ -7,7 +7,7 @@
 #   musescore-general-soundfont-small  MuseScore General, the held-out timbres (MIT)
 #
 # Without them the project still runs on pip packages alone (soundfile decodes, tinysoundfont
-# renders with the TimGM6mb soundfont from pretty_midi), with fewer timbres and no FFmpeg codecs.
+# renders with the TimGM6mb soundfont from pretty_midi), with fewer timbres.
 set -u
 packages=(ffmpeg fluidsynth fluid-soundfont-gm musescore-general-soundfont-small)
 
@@ -35,6 +35,6 @@ system packages missing: ${missing[*]}
     $command
   Continuing with the pip-only fallback: soundfile for decoding, tinysoundfont with the
   TimGM6mb soundfont for rendering (one timbre set, so no held-out-soundfont split), and
-  no FFmpeg codec augmentation.
+  libsndfile instead of FFmpeg for the codec augmentation.
 MSG
 exit 0
