@@ -226,7 +226,3 @@ def load_params(path: str | Path) -> Params:
     except ValidationError as err:
         raise ParamsError("\n".join(_explain(e, path) for e in err.errors())) from None
 
-
-def snapshot(params: Params) -> str:
-    """The fully resolved parameters as YAML, saved next to every run's outputs."""
-    return yaml.safe_dump(params.model_dump(), sort_keys=False)

@@ -36,6 +36,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import soundfile as sf
+from IPython.display import display
 
 from audiokd_lib import data, plots
 from audiokd_lib.audio import load_audio

@@ -31,10 +31,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from IPython.display import display
 
 from audiokd_lib import augment, data, plots
 from audiokd_lib.audio import audio_backend, load_audio, load_clip, resample, save_audio
-from audiokd_lib.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, iter_logmels
+from audiokd_lib.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, frames_per_clip, iter_logmels
 from audiokd_lib.params import GainNoiseParams, load_params
 
 params = load_params(params_file)
@@ -80,6 +81,7 @@ for ax, (index, label) in zip(np.atleast_1d(axes), labels.items()):
 plots.save_fig(fig, params, "02_logmels")
 plt.show()
 print("log-mel of one clip:", tuple(logmel(wave).shape), "(batch, channel, mel bins, frames)")
+assert logmel(wave).shape[-2:] == (fp.n_mels, frames_per_clip(fp))
 
 # %% [markdown]
 # ## Waveform augmentations
