@@ -1,8 +1,13 @@
-"""Command line: `audiokd run --params params/quick.yaml` (also `python -m audiokd_lib run ...`)."""
+"""Command line (also `python -m audiokd_lib ...`).
+
+  audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
+  audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .params import ParamsError
@@ -16,12 +21,41 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="execute the notebooks of a profile with papermill")
     run.add_argument("--params", default="params/quick.yaml", help="profile file (default: %(default)s)")
     run.add_argument("--from", dest="start", metavar="NOTEBOOK", help="resume from this notebook (e.g. 02_features or 02)")
+    classify = commands.add_parser("classify", help="print the top classes of audio files")
+    classify.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    classify.add_argument("--model", required=True,
+                          help="a model.pt checkpoint, or a role (teacher, student-baseline, student-kd) with --profile")
+    classify.add_argument("--profile", help="profile whose newest run of that role to use, e.g. quick")
+    classify.add_argument("--top", type=int, default=3, help="classes to show (default: %(default)s)")
+    classify.add_argument("--json", action="store_true", help="print one JSON object per file")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "run":
             run_notebooks(args.params, start=args.start)
-    except (ParamsError, NotebookFailed, ValueError) as err:
+        elif args.command == "classify":
+            return _classify(args)
+    except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    """Classify each file; unreadable files are reported and make the exit status 1, silent ones do not."""
+    from .audio import AudioLoadError
+    from .classify import classify_file, load_model
+
+    model = load_model(args.model, args.profile)
+    failed = 0
+    for path in args.files:
+        try:
+            prediction = classify_file(model, path, args.top)
+        except AudioLoadError as err:
+            failed += 1
+            if args.json:
+                print(json.dumps({"file": path, "status": "error", "error": str(err)}))
+            print(f"audiokd: {err}", file=sys.stderr)
+            continue
+        print(json.dumps(prediction.as_dict()) if args.json else prediction.describe())
+    return 1 if failed else 0

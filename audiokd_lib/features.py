@@ -26,30 +26,48 @@ LOG_OFFSET = 1e-5  # keeps log() finite in silent bins; -11.5 is the floor of th
 
 
 class LogMel(torch.nn.Module):
-    """Turn (batch, samples) or (batch, 1, samples) waveforms into (batch, 1, n_mels, frames) log-mels."""
+    """Turn (batch, samples) or (batch, 1, samples) waveforms into (batch, 1, n_mels, frames) log-mels.
+
+    Two mel filter banks are on offer. `kaldi` (with pre-emphasis) is the front end the EfficientAT
+    AudioSet models were trained with, so the offline teacher and the students can read the very same
+    features; `htk` is torchaudio's MelSpectrogram default.
+    """
 
     def __init__(self, fp: FeatureParams):
         super().__init__()
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=fp.sample_rate,
-            n_fft=fp.n_fft,
-            win_length=fp.win_length,
-            hop_length=fp.hop_length,
-            f_min=fp.f_min,
-            f_max=fp.f_max,
-            n_mels=fp.n_mels,
-            power=2.0,
-        )
+        self.n_fft, self.win_length, self.hop_length = fp.n_fft, fp.win_length, fp.hop_length
+        # A 2-tap filter y[n] = x[n] - a x[n-1] lifts the high frequencies (and drops one sample).
+        self.register_buffer("preemphasis", torch.tensor([[[-fp.preemphasis, 1.0]]]) if fp.preemphasis else None)
+        if fp.mel_scale == "kaldi":
+            window = torch.hann_window(fp.win_length, periodic=False)
+            banks, _ = torchaudio.compliance.kaldi.get_mel_banks(
+                fp.n_mels, fp.n_fft, float(fp.sample_rate), fp.f_min, fp.f_max,
+                vtln_low=100.0, vtln_high=-500.0, vtln_warp_factor=1.0,
+            )
+            banks = torch.nn.functional.pad(banks, (0, 1))  # Kaldi leaves out the Nyquist bin
+        else:
+            window = torch.hann_window(fp.win_length)
+            banks = torchaudio.functional.melscale_fbanks(
+                fp.n_fft // 2 + 1, fp.f_min, fp.f_max, fp.n_mels, fp.sample_rate, mel_scale="htk",
+            ).T
+        self.register_buffer("window", window)
+        self.register_buffer("banks", banks)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         if wave.dim() == 3:
             wave = wave.squeeze(1)
-        return torch.log(self.mel(wave) + LOG_OFFSET).unsqueeze(1)
+        if self.preemphasis is not None:
+            wave = torch.nn.functional.conv1d(wave.unsqueeze(1), self.preemphasis).squeeze(1)
+        spec = torch.stft(wave, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
+                          window=self.window, center=True, return_complex=True)
+        power = spec.real.square() + spec.imag.square()
+        return torch.log(self.banks @ power + LOG_OFFSET).unsqueeze(1)
 
 
-def frames_per_clip(fp: FeatureParams) -> int:
-    """Number of spectrogram frames in one clip (centred STFT: one frame per hop, plus one)."""
-    return round(fp.clip_seconds * fp.sample_rate) // fp.hop_length + 1
+def frames_per_clip(fp: FeatureParams, seconds: float | None = None) -> int:
+    """Number of spectrogram frames in a clip (centred STFT: one frame per hop, plus one)."""
+    samples = round((fp.clip_seconds if seconds is None else seconds) * fp.sample_rate)
+    return (samples - (1 if fp.preemphasis else 0)) // fp.hop_length + 1
 
 
 @dataclass

@@ -75,6 +75,8 @@ class FeatureParams(_Section):
     n_mels: int = 128
     f_min: float = 0.0
     f_max: float = 15000.0
+    mel_scale: Literal["kaldi", "htk"] = "kaldi"  # kaldi: the filter bank the EfficientAT teacher knows
+    preemphasis: float = Field(0.97, ge=0.0, lt=1.0, description="0 turns it off")
 
     @model_validator(mode="after")
     def _check(self) -> FeatureParams:
@@ -147,6 +149,50 @@ class AugmentParams(_Section):
     codec: CodecParams = CodecParams()
 
 
+class TrainParams(_Section):
+    """One training recipe: the baseline and distilled students share it, so only the loss differs."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up, then cosine decay to zero")
+    patience: int = Field(4, ge=1, description="epochs without a better validation score before stopping")
+    crop_seconds: float | None = Field(1.0, gt=0.0, description="random crop per example; None: whole clips")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seeds: list[int] = Field([0], min_length=1, description="one run per seed; spread is reported")
+    augment: list[Literal["gain", "noise", "specaugment", "mixup"]] = ["gain", "noise", "specaugment", "mixup"]
+
+
+class TeacherParams(_Section):
+    """The large pretrained model whose knowledge the students receive."""
+
+    kind: Literal["efficientat", "ast"] = "efficientat"
+    # efficientat: a weights name (mn04_as); ast: a Hugging Face hub id or a local folder
+    checkpoint: str = "mn04_as"
+    weights_dir: str | None = None  # searched before $AUDIOKD_WEIGHTS and the download cache
+    download: bool = True           # fetch from the official URL (sha256-checked) when not found locally
+    finetune: Literal["head", "last_blocks", "all"] = "all"
+    last_blocks: int = Field(2, ge=1, description="blocks trained when finetune is last_blocks")
+    train: TrainParams = TrainParams(epochs=6, lr=1e-3, seeds=[0])
+
+
+class StudentParams(_Section):
+    """The small network trained from scratch, with and without a teacher."""
+
+    arch: Literal["mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2"] = "mobilenet_v3_small"
+    width_mult: float = Field(0.5, gt=0.0, le=2.0)
+    bn_momentum: float = Field(0.1, gt=0.0, lt=1.0, description="torchvision's 0.01 is too slow for short runs")
+
+
+class KDParams(_Section):
+    """Hinton distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard-label loss."""
+
+    temperature: float = Field(3.0, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    modes: list[Literal["cached", "consistent"]] = Field(["cached", "consistent"], min_length=1)
+
+
 class Params(_Section):
     profile: str
     seed: int = 0
@@ -156,6 +202,10 @@ class Params(_Section):
     data: DataParams = DataParams()
     features: FeatureParams = FeatureParams()
     augment: AugmentParams = AugmentParams()
+    teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
+    train: TrainParams = TrainParams()
+    kd: KDParams = KDParams()
 
     @property
     def output_dir(self) -> Path:

@@ -1,0 +1,87 @@
+"""Classifying any audio file with a saved model: what `audiokd classify` does.
+
+A model was trained on clips of a fixed length (`clip_seconds`). A longer file is cut into windows
+of that length, overlapping by half; each window is classified and the answers are combined: the
+mean of the per-window probabilities for single-label models (one instrument per file), the
+maximum for multi-label ones (an instrument is present if it plays anywhere). Silent windows are
+left out, and a file that is silent throughout says so instead of guessing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .audio import load_audio
+from .models import Classifier, load_checkpoint
+
+SILENCE_DBFS = -70.0  # a window whose peak is below this is treated as silence
+
+
+@dataclass
+class Prediction:
+    file: str
+    status: str                              # "ok" or "silent"
+    seconds: float
+    windows: int
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"file": self.file, "status": self.status, "seconds": round(self.seconds, 3), "windows": self.windows,
+                "top": [{"class": name, "probability": round(p, 4)} for name, p in self.top]}
+
+    def describe(self) -> str:
+        if self.status == "silent":
+            return f"{self.file}: silent (peak below {SILENCE_DBFS:g} dBFS), no prediction"
+        ranked = ", ".join(f"{name} {p:.2f}" for name, p in self.top)
+        return f"{self.file}: {ranked}  ({self.seconds:.1f} s, {self.windows} window{'s' * (self.windows != 1)})"
+
+
+def resolve_model(model: str, profile: str | None = None) -> Path:
+    """A checkpoint path, or the checkpoint of a profile's newest finished run with that role."""
+    path = Path(model)
+    if path.is_file():
+        return path
+    if profile is None:
+        raise FileNotFoundError(f"{model}: no such checkpoint file; give a path to a model.pt, or a role name "
+                                "(teacher, student-baseline, student-kd) together with --profile")
+    from . import tracking
+    from .params import load_params
+
+    params = load_params(Path("params") / f"{profile}.yaml" if not profile.endswith(".yaml") else profile)
+    return tracking.artifact_path(tracking.latest_run(params, model), "model.pt")
+
+
+def windows(wave: torch.Tensor, size: int) -> torch.Tensor:
+    """(1, samples) -> (n, size) windows with a hop of half a window; the last one zero-padded."""
+    samples = wave.shape[-1]
+    hop = max(1, size // 2)
+    count = 1 + max(0, -(-(samples - size) // hop))
+    padded = torch.nn.functional.pad(wave[0], (0, (count - 1) * hop + size - samples))
+    return padded.unfold(0, size, hop)
+
+
+def classify_file(model: Classifier, path: str | Path, top_k: int = 3) -> Prediction:
+    """Top classes of one file; raises AudioLoadError (naming the file) when it cannot be read."""
+    wave = load_audio(path, sample_rate=model.sample_rate, mono=True)
+    seconds = wave.shape[-1] / model.sample_rate
+    chunks = windows(wave, round(model.spec["clip_seconds"] * model.sample_rate))
+    loud = chunks.abs().amax(dim=1) > 10 ** (SILENCE_DBFS / 20)
+    if not loud.any():
+        return Prediction(str(path), "silent", seconds, 0)
+    with torch.inference_mode():
+        logits = model(chunks[loud])
+    if model.spec["multilabel"]:
+        probs = torch.sigmoid(logits).amax(dim=0)
+    else:
+        probs = torch.softmax(logits, dim=1).mean(dim=0)
+    top = probs.topk(min(top_k, len(model.classes)))
+    ranked = [(model.classes[i], float(p)) for p, i in zip(top.values, top.indices)]
+    return Prediction(str(path), "ok", seconds, int(loud.sum()), ranked)
+
+
+def load_model(model: str, profile: str | None = None) -> Classifier:
+    """The model a `--model` argument names, ready for inference."""
+    return load_checkpoint(resolve_model(model, profile))

@@ -1,0 +1,279 @@
+"""Measuring every model the same way: how right it is, and what it costs to run.
+
+A compression study compares a teacher, a student, a distilled student and pruned students. The
+comparison is only fair if every model is scored by the same code on the same clips, so every
+notebook calls the functions below instead of computing its own numbers.
+
+How right (scikit-learn computes every number; its definitions are the ones papers and readers know):
+
+- **Single-label** (one instrument per clip): *accuracy* is the share of clips whose top-scoring
+  class is the true one; *macro F1* averages the F1 of each class with equal weight, so a rare
+  instrument that the model never gets right pulls it down even when accuracy looks fine; *top-3
+  accuracy* counts a clip as right when the true class is among the three highest scores.
+- **Multi-label** (several instruments per clip, e.g. OpenMIC): *mAP* (mean average precision)
+  ranks the clips by each class's score and measures how early the true positives come, averaged
+  over classes; it needs no threshold. *Micro F1* thresholds the sigmoid at 0.5 and pools every
+  (clip, class) decision.
+
+What it costs (:func:`complexity`): parameters, checkpoint size on disk, multiply-accumulates (MACs)
+of one forward pass, and CPU latency. MACs and latency do not move together: a small model at
+batch 1 spends most of its time on per-layer overhead, not arithmetic, so halving its MACs may barely
+change its batch-1 latency. Latency is therefore measured both at batch 1 (one clip arriving alone)
+and per clip at a larger batch (throughput when the machine is kept busy).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import (
+    ConfusionMatrixDisplay,
+    PrecisionRecallDisplay,
+    accuracy_score,
+    average_precision_score,
+    classification_report,
+    f1_score,
+    top_k_accuracy_score,
+)
+from torch import nn
+
+# thop 0.1.1 compares versions with distutils' LooseVersion at import, which only warns that distutils
+# is deprecated; silence that one import so the warning does not show up in every notebook and test run.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import thop
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def _sigmoid(scores: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-scores))
+
+
+def _check(
+    y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return y_true and scores as arrays, after checking that their shapes agree with `classes`."""
+    y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] != len(classes):
+        raise ValueError(f"scores must be (clips, {len(classes)} classes) to match `classes`, got shape {scores.shape}")
+    expected = scores.shape if multilabel else scores.shape[:1]
+    if y_true.shape != expected:
+        kind = "a 0/1 matrix (clips, classes)" if multilabel else "class indices (clips,)"
+        raise ValueError(f"y_true must be {kind} of shape {expected}, got {y_true.shape}")
+    return y_true.astype(int), scores
+
+
+def _probabilities(scores: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Sigmoid of multi-label logits; softmax of single-label logits (probabilities pass unchanged)."""
+    if multilabel:
+        return _sigmoid(scores)
+    is_probability = (scores >= 0).all() and np.allclose(scores.sum(axis=1), 1.0, atol=1e-4)
+    return scores if is_probability else _softmax(scores)
+
+
+def _predictions(scores: np.ndarray, multilabel: bool) -> np.ndarray:
+    """Hard decisions: the top class, or every class whose sigmoid is at least 0.5 (logit >= 0)."""
+    return (scores >= 0).astype(int) if multilabel else scores.argmax(axis=1)
+
+
+def classification_metrics(
+    y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool
+) -> dict[str, float]:
+    """Headline numbers of one model on one split.
+
+    Single-label: `y_true` holds class indices (N,), `scores` logits or probabilities (N, C); returns
+    accuracy, macro_f1 and, with more than three classes, top3_accuracy. Multi-label: `y_true` is a
+    0/1 matrix (N, C), `scores` logits; returns mAP and micro_f1.
+    """
+    y_true, scores = _check(y_true, scores, classes, multilabel)
+    labels = list(range(len(classes)))
+    if multilabel:
+        # Average precision is undefined for a class with no positive clip in this split (sklearn warns
+        # and scores it 0), so mAP averages only over the classes that occur; NaN when none does.
+        present = y_true.sum(axis=0) > 0
+        mean_ap = (
+            float(average_precision_score(y_true[:, present], scores[:, present], average="macro"))
+            if present.any()
+            else float("nan")
+        )
+        micro = f1_score(y_true, _predictions(scores, multilabel), average="micro", zero_division=0)
+        return {"mAP": mean_ap, "micro_f1": float(micro)}
+    predicted = _predictions(scores, multilabel)
+    result = {
+        "accuracy": float(accuracy_score(y_true, predicted)),
+        "macro_f1": float(f1_score(y_true, predicted, average="macro", labels=labels, zero_division=0)),
+    }
+    if len(classes) > 3:
+        result["top3_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=3, labels=labels))
+    return result
+
+
+def per_class_report(y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool) -> pd.DataFrame:
+    """Precision, recall, F1 and support of every class, one row per class (index: class names)."""
+    y_true, scores = _check(y_true, scores, classes, multilabel)
+    report = classification_report(
+        y_true,
+        _predictions(scores, multilabel),
+        labels=list(range(len(classes))),
+        target_names=classes,
+        output_dict=True,
+        zero_division=0,
+    )
+    frame = pd.DataFrame({name: report[name] for name in classes}).T
+    frame["support"] = frame["support"].astype(int)
+    return frame[["precision", "recall", "f1-score", "support"]]
+
+
+def confusion_figure(y_true: np.ndarray, scores: np.ndarray, classes: list[str], title: str = "") -> plt.Figure:
+    """Confusion matrix of a single-label model, each row in percent of that true class's clips.
+
+    Zero cells are left blank so that, with 14 classes, the eye goes to the diagonal and the confusions.
+    """
+    y_true, scores = _check(y_true, scores, classes, multilabel=False)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    display = ConfusionMatrixDisplay.from_predictions(
+        y_true,
+        _predictions(scores, multilabel=False),
+        labels=list(range(len(classes))),
+        display_labels=classes,
+        normalize="true",
+        values_format=".0%",  # Python's percent format: 0.25 -> "25%"
+        ax=ax,
+        colorbar=False,
+        text_kw={"fontsize": 7},
+        im_kw={"vmin": 0.0, "vmax": 1.0},
+    )
+    for text, value in zip(display.text_.ravel(), display.confusion_matrix.ravel()):
+        if round(value * 100) == 0:
+            text.set_text("")
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")  # label ends under its column
+    ax.set_title(title or "confusion matrix (% of each true class)")
+    fig.tight_layout()
+    return fig
+
+
+def pr_curve_figure(
+    y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool, title: str = ""
+) -> plt.Figure:
+    """One-vs-rest precision-recall curve of every class, and the micro-average over all of them in bold.
+
+    A class without a positive clip has no curve (recall is undefined) and is left out of the legend.
+    """
+    y_true, scores = _check(y_true, scores, classes, multilabel)
+    probabilities = _probabilities(scores, multilabel)
+    onehot = y_true if multilabel else np.eye(len(classes), dtype=int)[y_true]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10
+    for index, name in enumerate(classes):
+        if onehot[:, index].any():
+            PrecisionRecallDisplay.from_predictions(
+                onehot[:, index],
+                probabilities[:, index],
+                name=name,
+                ax=ax,
+                curve_kwargs={"linewidth": 1, "color": colors[index % len(colors)]},
+            )
+    PrecisionRecallDisplay.from_predictions(
+        onehot.ravel(),
+        probabilities.ravel(),
+        name="micro-average",
+        ax=ax,
+        curve_kwargs={"linewidth": 2.5, "color": "black"},
+    )
+    ax.set(
+        title=title or "precision-recall, one class against the rest",
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class Complexity:
+    """What one model costs: size, arithmetic and CPU time."""
+
+    params: int  # all parameters
+    size_mb: float  # size of the saved checkpoint file on disk, MB = 1e6 bytes
+    macs: int  # multiply-accumulates of one forward on example_input (batch 1), counted by thop
+    latency_ms: float  # median wall time of one forward at batch 1, CPU, `threads` threads
+    latency_batch_ms: float  # median time per clip at batch `batch` (small models are overhead-bound at batch 1)
+    threads: int
+
+
+def _median_ms(model: nn.Module, inputs: torch.Tensor, repeats: int, warmup: int) -> float:
+    """Median wall time of one forward pass, in milliseconds, after `warmup` untimed passes."""
+    times = []
+    with torch.inference_mode():
+        for step in range(warmup + repeats):
+            start = time.perf_counter()
+            model(inputs)
+            if step >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def complexity(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    checkpoint: str | Path,
+    threads: int = 1,
+    repeats: int = 30,
+    warmup: int = 5,
+    batch: int = 16,
+) -> Complexity:
+    """Measure a model: parameters, checkpoint size, MACs of one clip and CPU latency.
+
+    `example_input` is one clip as the model takes it (batch 1, e.g. (1, 1, mels, frames)); `checkpoint`
+    the file the model was saved to. The model itself is left untouched: counting and timing run on
+    CPU copies.
+
+    MACs come from thop (pytorch-OpCounter), the counter most compression papers quote. It counts only
+    module types it knows: convolutions and linear layers as MACs, but also BatchNorm (2 per element,
+    though inference usually folds it into the convolution) and average pooling (one add per input
+    element plus a division per output), while activations such as Hardswish and functional operations
+    inside `forward` (residual additions, the squeeze-excitation product) count as zero.
+    """
+    if example_input.shape[0] != 1:
+        raise ValueError(f"example_input must hold one clip (batch 1), got shape {tuple(example_input.shape)}")
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist: save the model before measuring it")
+    clip = example_input.detach().cpu()
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    # thop registers counting buffers and hooks on the module it profiles (and leaves some behind on
+    # modules it has no rule for), so it gets a throwaway copy.
+    macs, _ = thop.profile(copy.deepcopy(cpu_model), inputs=(clip,), verbose=False)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        latency = _median_ms(cpu_model, clip, repeats, warmup)
+        batched = clip.repeat(batch, *([1] * (clip.dim() - 1)))
+        latency_batch = _median_ms(cpu_model, batched, repeats, warmup) / batch
+    finally:
+        torch.set_num_threads(previous_threads)
+    return Complexity(
+        params=sum(p.numel() for p in model.parameters()),
+        size_mb=checkpoint.stat().st_size / 1e6,
+        macs=int(macs),
+        latency_ms=latency,
+        latency_batch_ms=latency_batch,
+        threads=threads,
+    )

@@ -1,0 +1,286 @@
+"""One model run, start to finish: train, evaluate the same way as every other model, log to MLflow.
+
+Notebooks 03-05 (and later 06-07) call :func:`train_and_log` with a role (`teacher`,
+`student-baseline`, `student-kd`, ...) and get back the MLflow row of the run. Everything a table
+needs is measured here, identically for every model:
+
+- accuracy and macro-F1 (mAP and micro-F1 for multi-label data) on the in-domain `test` split and on
+  the `heldout` split (the unseen soundfont), a per-class report, a confusion matrix, PR curves;
+- parameters, checkpoint size, MACs for one clip, CPU latency per clip.
+
+A run that already finished with the same settings is not trained again: its MLflow row is returned.
+A run that was interrupted resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from torch import nn
+
+from . import metrics, plots, tracking
+from .files import atomic_path, write_json
+from .models import Classifier, load_checkpoint, save_checkpoint
+from .params import Params, TrainParams
+from .train import FeatureSet, cached_features, fit, predict
+
+EVAL_SPLITS = ("test", "heldout")  # in-domain, and the soundfont no model ever trained on
+
+
+def feature_key(params: Params, model: Classifier) -> str:
+    """Names a front end in cache files: students and the EfficientAT teacher share one."""
+    if model.spec["kind"] == "ast":
+        blob = json.dumps(model.spec["extractor"], sort_keys=True, default=str)
+        return "ast-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return "logmel-" + params.fingerprint("features")
+
+
+def feature_sets(params: Params, table: pd.DataFrame, model: Classifier, splits=("train", "val", "test", "heldout"),
+                 progress: bool = True) -> dict[str, FeatureSet]:
+    """Cached features of every split the table has, through `model`'s front end."""
+    present = [s for s in splits if (table["split"] == s).any()]
+    return {s: cached_features(params, table, s, model, feature_key(params, model), model.classes, progress)
+            for s in present}
+
+
+def sets_fingerprint(sets: dict[str, FeatureSet]) -> str:
+    """Short hash of every split's clips and targets: the data a run learned from and was tested on."""
+    digest = hashlib.sha256()
+    for split in sorted(sets):
+        digest.update(split.encode() + "\n".join(sets[split].paths).encode() + sets[split].targets.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+class _Head(nn.Module):
+    """The part of a model that runs on features: what MACs and latency are measured on."""
+
+    def __init__(self, model: Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.head(features)
+
+
+def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> metrics.Complexity:
+    """Params, size on disk, MACs and CPU latency for one clip's features (front end excluded)."""
+    return metrics.complexity(_Head(model).eval(), example[:1], checkpoint, threads=params.threads)
+
+
+def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], name: str
+             ) -> tuple[dict[str, float], list[Path]]:
+    """Metrics on the test and heldout splits, with per-class reports and figures saved."""
+    results, artifacts = {}, []
+    out = params.output_dir / "models" / name
+    for split in EVAL_SPLITS:
+        if split not in sets:
+            continue
+        data = sets[split]
+        logits = predict(model, data).numpy()
+        y = data.targets.numpy()
+        for key, value in metrics.classification_metrics(y, logits, data.classes, data.multilabel).items():
+            results[f"{split}_{key}"] = value
+        report = metrics.per_class_report(y, logits, data.classes, data.multilabel)
+        with atomic_path(out / f"per_class_{split}.csv") as tmp:
+            report.to_csv(tmp)
+        artifacts.append(out / f"per_class_{split}.csv")
+        title = f"{name}, {split}"
+        for kind, fig in (("confusion", metrics.confusion_figure(y, logits, data.classes, title=title)),
+                          ("pr", metrics.pr_curve_figure(y, logits, data.classes, data.multilabel, title=title))):
+            if kind == "confusion" and data.multilabel:
+                plt.close(fig)
+                continue
+            artifacts.append(plots.save_fig(fig, params, f"{name}_{kind}_{split}"))
+            plt.close(fig)
+    return results, artifacts
+
+
+def loss_figure(history: pd.DataFrame, metric: str, title: str) -> plt.Figure:
+    """Train and validation loss per epoch, with the validation score on a second axis."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
+    ax.plot(history["epoch"], history["val_loss"], "o-", label="val loss")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    right = ax.twinx()
+    right.plot(history["epoch"], history[f"val_{metric}"], "s--", color="tab:green", label=f"val {metric}")
+    right.set(ylabel=f"val {metric}", ylim=(0, 1.02))
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    return fig
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def run_key(params: Params, role: str, seed: int, tp: TrainParams, data_fp: str, extra: dict) -> str:
+    """What makes two runs the same run: settings, data, seed, and the teacher behind them."""
+    blob = json.dumps({"role": role, "seed": seed, "train": tp.model_dump(), "features": params.features.model_dump(),
+                       "augment": params.augment.model_dump(), "student": params.student.model_dump(),
+                       "teacher": params.teacher.model_dump(), "data": data_fp, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
+                  seed: int, tp: TrainParams, teacher: Classifier | None = None,
+                  teacher_logits: torch.Tensor | None = None, kd: tuple[float, float] | None = None,
+                  tags: dict[str, str] | None = None, params_file: str | Path | None = None,
+                  progress: bool = True) -> tuple[Classifier, pd.Series]:
+    """Train (or resume, or reuse) one model, evaluate it, log everything; return it and its MLflow row."""
+    run_dir = params.output_dir / "models" / name
+    data_fp = sets_fingerprint(sets)
+    tags = {"seed": str(seed), **(tags or {})}
+    key = run_key(params, role, seed, tp, data_fp, tags)
+    done_file, checkpoint = run_dir / "done.json", run_dir / "model.pt"
+    if done_file.is_file() and checkpoint.is_file():
+        done = json.loads(done_file.read_text())
+        runs = tracking.runs_frame(params, role)
+        found = runs[runs["run_id"] == done.get("run_id")] if done.get("key") == key else runs.iloc[:0]
+        if len(found):
+            print(f"{name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
+            return load_checkpoint(checkpoint), found.iloc[0]
+    if (run_dir / "key.txt").is_file() and (run_dir / "key.txt").read_text() != key:
+        print(f"{name}: settings changed since the last run; starting it again")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "key.txt").write_text(key)
+
+    full_tags = {"model": name, "teacher": "", "dataset_fingerprint": sets["train"].data_fingerprint, **tags}
+    with tracking.start_run(params, role, name, full_tags, params_file) as run:
+        result = fit(model, sets["train"], sets["val"], tp, params, seed, run_dir, teacher=teacher,
+                     teacher_logits=teacher_logits, kd=kd, progress=progress)
+        for row in result.history.to_dict("records"):
+            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        save_checkpoint(model, checkpoint, role=role, seed=seed, run_id=run.info.run_id)
+        fig = loss_figure(result.history, result.metric, name)
+        curves = plots.save_fig(fig, params, f"{name}_loss")
+        plt.close(fig)
+        results, artifacts = evaluate(params, model, sets, name)
+        example = sets["val"].features[:1]
+        cx = measure(params, model, checkpoint, example)
+        frames = example.shape[-1]
+        tracking.log_final({**results, **{k: float(v) for k, v in asdict(cx).items()},
+                            "best_epoch": result.best_epoch, f"val_{result.metric}": result.best_score,
+                            "epochs_run": len(result.history), "train_seconds": float(result.history["seconds"].sum()),
+                            "clip_frames": frames})
+        tracking.log_artifacts([checkpoint, curves, *artifacts])
+        run_id = run.info.run_id
+    write_json(done_file, {"key": key, "run_id": run_id})
+    (run_dir / "last.pt").unlink(missing_ok=True)  # the best weights live in model.pt now
+    return model, tracking.runs_frame(params, role).set_index("run_id").loc[run_id].rename(run_id)
+
+
+# --------------------------------------------------------------------------- the teacher's soft labels
+
+
+def teacher_logits_path(params: Params) -> Path:
+    return params.output_dir / "models" / "teacher" / "logits.pt"
+
+
+def cache_teacher_logits(params: Params, teacher: Classifier, checkpoint: Path, sets: dict[str, FeatureSet]) -> Path:
+    """Run the teacher once over every clip of every split and save its logits (the soft labels).
+
+    Stored with the teacher's identity, its checkpoint's hash and the clips' paths, so a changed
+    teacher or dataset is never paired with an old cache (see :func:`load_teacher_logits`).
+    """
+    saved = {"identity": teacher.spec["identity"], "checkpoint_sha256": file_sha256(checkpoint),
+             "classes": teacher.classes,
+             "splits": {s: {"paths": d.paths, "logits": predict(teacher, d)} for s, d in sets.items()}}
+    path = teacher_logits_path(params)
+    with atomic_path(path) as tmp:
+        torch.save(saved, tmp)
+    return path
+
+
+def load_teacher_logits(params: Params, sets: dict[str, FeatureSet]) -> tuple[dict[str, torch.Tensor], str]:
+    """The cached soft labels for these feature sets, checked against the teacher and the clips."""
+    path = teacher_logits_path(params)
+    checkpoint = path.with_name("model.pt")
+    if not path.is_file() or not checkpoint.is_file():
+        raise FileNotFoundError(f"{path}: no cached teacher logits; run notebook 03_teacher first")
+    saved = torch.load(path, weights_only=True)
+    if saved["checkpoint_sha256"] != file_sha256(checkpoint):
+        raise ValueError(f"{path} was made by another teacher checkpoint than {checkpoint}; re-run notebook 03")
+    out = {}
+    for split, data in sets.items():
+        cached = saved["splits"].get(split)
+        if cached is None or cached["paths"] != data.paths or saved["classes"] != data.classes:
+            raise ValueError(f"{path}: the cached logits of split {split!r} belong to other clips or classes "
+                             "(the dataset changed); re-run notebook 03")
+        out[split] = cached["logits"]
+    return out, saved["identity"]
+
+
+# --------------------------------------------------------------------------- tables
+
+
+TABLE_COLUMNS = {
+    "model": "model", "role": "role", "variant": "variant", "teacher": "teacher", "seed": "seed",
+    "test_accuracy": "test acc", "test_macro_f1": "test macro-F1",
+    "heldout_accuracy": "heldout acc", "heldout_macro_f1": "heldout macro-F1",
+    "test_mAP": "test mAP", "test_micro_f1": "test micro-F1", "heldout_mAP": "heldout mAP",
+    "heldout_micro_f1": "heldout micro-F1",
+    "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
+    "latency_batch_ms": "latency ms/clip @16",
+}
+
+
+def results_table(params: Params, roles: list[str] | None = None) -> pd.DataFrame:
+    """The newest finished run of every model name (per role), from MLflow, in readable columns."""
+    frame = tracking.runs_frame(params)
+    if roles is not None:
+        frame = frame[frame["role"].isin(roles)]
+    frame = frame.drop_duplicates("model")  # newest first: one row per model name
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    table = frame[columns].rename(columns=TABLE_COLUMNS).reset_index(drop=True)
+    for c in ("params", "MACs"):
+        if c in table:
+            table[c] = table[c].astype(int)
+    return table
+
+
+def seed_summary(table: pd.DataFrame, value: str, by: str = "role") -> pd.DataFrame:
+    """Mean, standard deviation, min and max of one column over seeds, per role."""
+    return table.groupby(by, sort=False)[value].agg(["mean", "std", "min", "max", "count"])
+
+
+def verdict(summary: pd.DataFrame, score: str, baseline: str = "baseline") -> str:
+    """One plain sentence per distilled variant: better, worse, or within the seed spread."""
+    if baseline not in summary.index:
+        return f"No `{baseline}` runs to compare with."
+    base = summary.loc[baseline]
+    lines = []
+    for variant, row in summary.drop(index=[baseline, "teacher"], errors="ignore").iterrows():
+        diff = row["mean"] - base["mean"]
+        spread = max(base["max"] - base["min"], row["max"] - row["min"])
+        n = int(min(row["count"], base["count"]))
+        if n < 2:
+            judgement = "one seed only: no spread to compare against, so no conclusion"
+        elif abs(diff) <= spread:
+            judgement = f"within the seed spread ({spread:.3f}): no measurable effect"
+        else:
+            judgement = f"{'better' if diff > 0 else 'worse'} than the baseline, beyond the seed spread ({spread:.3f})"
+        lines.append(f"- **{variant}**: {score} {row['mean']:.3f} ± {row['std']:.3f} vs baseline "
+                     f"{base['mean']:.3f} ± {base['std']:.3f} over {n} seeds, a difference of {diff:+.3f}: "
+                     f"{judgement}.")
+    return "\n".join(lines)
+
+
+def check_shared_frontend(teacher: Classifier, student: Classifier) -> None:
+    """Consistent distillation feeds the student's augmented features to the teacher: they must match."""
+    if teacher.spec.get("features") != student.spec.get("features"):
+        raise ValueError(f"consistent distillation needs a teacher that reads the student's features; "
+                         f"{teacher.spec['identity']} has its own front end. Use kd.modes: [cached] for it")

@@ -1,0 +1,200 @@
+"""The large pretrained teachers: EfficientAT's mn04 (a MobileNetV3) and AST (a transformer).
+
+A teacher is only useful if it hears what it was trained to hear, so loading one means two things:
+the weights must land in exactly the network they were trained in, and the audio must reach it
+through exactly the front end it was trained on.
+
+- mn04_as (EfficientAT, AudioSet, 527 classes) was trained in its authors' own MobileNetV3 code.
+  torchvision's MobileNetV3 is the same network once three details match (one input channel, a
+  true sigmoid in the squeeze-excitation gates, renamed keys): `convert_efficientat_state_dict`
+  does the renaming, `efficientat_mobilenet` builds the matching network.
+- AST comes through Hugging Face transformers: `load_ast` swaps its AudioSet head for one with our
+  classes, and `ASTFrontend` wraps the checkpoint's own feature extractor so its inputs are right.
+
+Fine-tuning a teacher on a small data set usually trains only the top: `set_trainable` freezes the
+rest. transformers is imported only when AST is used: it takes seconds to import.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large
+from torchvision.ops.misc import SqueezeExcitation
+
+if TYPE_CHECKING:
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification
+
+TRAINABLE_MODES = ("head", "last_blocks", "all")
+# EfficientAT key -> torchvision key: its classifier has two extra modules before each Linear.
+_CLASSIFIER_RENAMES = {"classifier.2.": "classifier.0.", "classifier.5.": "classifier.3."}
+_SE_FC_WEIGHT = re.compile(r"\.fc[12]\.weight$")
+
+
+def efficientat_mobilenet(num_classes: int = 527, width_mult: float = 0.4) -> nn.Module:
+    """torchvision's MobileNetV3-Large made identical to EfficientAT's: mono input, sigmoid SE gates."""
+    model = mobilenet_v3_large(width_mult=width_mult, num_classes=num_classes)
+    first = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(1, first.out_channels, 3, stride=2, padding=1, bias=False)
+    for module in model.modules():
+        if isinstance(module, SqueezeExcitation):
+            module.scale_activation = nn.Sigmoid()  # torchvision's default for V3 is Hardsigmoid
+    return model
+
+
+def convert_efficientat_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename EfficientAT's keys to torchvision's and reshape its SE Linear weights to 1x1 convs."""
+    converted = {}
+    for key, value in state.items():
+        key = key.replace(".conc_se_layers.0.", ".")
+        for old, new in _CLASSIFIER_RENAMES.items():
+            if key.startswith(old):
+                key = new + key.removeprefix(old)
+        if _SE_FC_WEIGHT.search(key) and value.dim() == 2:
+            value = value[:, :, None, None]
+        converted[key] = value
+    return converted
+
+
+def load_mn04_audioset(path: str | Path) -> nn.Module:
+    """The EfficientAT mn04 AudioSet tagger (527 classes) from its .pt file, in eval mode, on the CPU."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = efficientat_mobilenet()
+    model.load_state_dict(convert_efficientat_state_dict(state), strict=True)
+    return model.eval()
+
+
+def audioset_labels(path: str | Path) -> list[str]:
+    """The AudioSet class names (display_name column of class_labels_indices.csv), in index order."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not {"index", "display_name"} <= rows[0].keys():
+        raise ValueError(f"{path}: expected AudioSet's class-label CSV, with columns index,mid,display_name")
+    rows.sort(key=lambda row: int(row["index"]))
+    if [int(row["index"]) for row in rows] != list(range(len(rows))):
+        raise ValueError(f"{path}: the index column should run 0..{len(rows) - 1} without gaps")
+    return [row["display_name"] for row in rows]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give a torchvision MobileNetV2/V3 a fresh last Linear layer with `num_classes` outputs."""
+    last = model.classifier[-1]
+    if not isinstance(last, nn.Linear):
+        raise TypeError(f"replace_head: model.classifier[-1] should be nn.Linear, not {type(last).__name__}")
+    head = nn.Linear(last.in_features, num_classes)
+    nn.init.normal_(head.weight, 0.0, 0.01)  # torchvision's own init: near-uniform first predictions
+    nn.init.zeros_(head.bias)
+    model.classifier[-1] = head
+    return model
+
+
+def set_trainable(model: nn.Module, mode: str, last_blocks: int = 2) -> int:
+    """Freeze all but the head ("head"), the head and the last blocks ("last_blocks"), or nothing ("all").
+
+    The blocks are `model.features` for a torchvision MobileNet and the encoder layers for AST (whose
+    final layernorm trains with them). Returns the number of trainable parameters.
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"set_trainable: mode {mode!r} is not one of {TRAINABLE_MODES}")
+    if hasattr(model, "audio_spectrogram_transformer"):
+        base = model.audio_spectrogram_transformer
+        blocks, with_blocks = list(base.layers), [base.layernorm]
+    elif isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier"):
+        blocks, with_blocks = list(model.features), []
+    else:
+        raise TypeError(
+            f"set_trainable: {type(model).__name__} is neither a torchvision MobileNet "
+            "(features + classifier) nor a transformers ASTForAudioClassification"
+        )
+    model.requires_grad_(mode == "all")
+    model.classifier.requires_grad_(True)
+    if mode == "last_blocks":
+        if not 1 <= last_blocks <= len(blocks):
+            raise ValueError(f"set_trainable: last_blocks must be in 1..{len(blocks)}, got {last_blocks}")
+        for module in blocks[-last_blocks:] + with_blocks:
+            module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _looks_like_path(checkpoint: str | Path) -> bool:
+    """A hub id is "name" or "owner/name"; anything else can only be meant as a local folder."""
+    text = str(checkpoint)
+    return isinstance(checkpoint, Path) or text.startswith(("/", ".", "~")) or text.count("/") > 1
+
+
+def _from_pretrained(cls: type, checkpoint: str | Path, **kwargs):
+    """cls.from_pretrained(checkpoint), with a message that says what to do when it cannot be loaded."""
+    folder = Path(checkpoint).expanduser()
+    cause: OSError | None = None
+    if folder.is_dir():
+        try:
+            return cls.from_pretrained(folder, **kwargs)
+        except OSError as err:
+            cause, reason = err, f"the folder {folder} exists but lacks files save_pretrained writes ({err})"
+    elif _looks_like_path(checkpoint):
+        reason = f"no folder {folder} exists"
+    else:
+        try:
+            return cls.from_pretrained(str(checkpoint), **kwargs)
+        except OSError as err:
+            cause = err
+            reason = f"no such folder exists and the Hugging Face hub could not be reached ({err})"
+    raise RuntimeError(
+        f"cannot load {cls.__name__} from teacher.checkpoint {str(checkpoint)!r}, "
+        f"which is a Hugging Face hub id or a local folder: {reason}. To work offline, download the "
+        "checkpoint where the hub can be reached (e.g. `hf download <hub id> --local-dir <folder>`, or "
+        "save_pretrained of both the model and its feature extractor), copy that folder here and set "
+        "teacher.checkpoint to it."
+    ) from cause
+
+
+def load_ast(checkpoint: str | Path, class_names: list[str]) -> ASTForAudioClassification:
+    """An AST checkpoint (hub id or local folder) with a new, randomly initialised head for `class_names`.
+
+    The checkpoint's own head (527 AudioSet classes) does not fit and is re-initialised; transformers
+    prints a load report listing exactly those weights.
+    """
+    from transformers import ASTForAudioClassification
+
+    # num_labels follows from id2label; passing it as well makes transformers 5 warn about the old label map.
+    return _from_pretrained(
+        ASTForAudioClassification,
+        checkpoint,
+        id2label=dict(enumerate(class_names)),
+        label2id={name: index for index, name in enumerate(class_names)},
+        ignore_mismatched_sizes=True,
+    )
+
+
+class ASTFrontend(nn.Module):
+    """AST's own feature extractor as a module: (batch, samples) waves -> (batch, max_length, mel bins).
+
+    The extractor computes Kaldi fbanks, pads or cuts them to max_length frames and normalises them with
+    its mean and std, clip by clip and outside autograd: exactly the inputs AST was trained on.
+    """
+
+    def __init__(self, extractor: ASTFeatureExtractor):
+        super().__init__()
+        self.extractor = extractor
+        self.sample_rate = int(extractor.sampling_rate)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path) -> ASTFrontend:
+        """The feature extractor saved with a checkpoint (hub id or local folder)."""
+        from transformers import ASTFeatureExtractor
+
+        return cls(_from_pretrained(ASTFeatureExtractor, checkpoint))
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        if waves.dim() == 3 and waves.shape[1] == 1:
+            waves = waves.squeeze(1)
+        if waves.dim() != 2:
+            raise ValueError(f"ASTFrontend: waves should be (batch, samples), not {tuple(waves.shape)}")
+        clips = list(waves.detach().to("cpu", torch.float32).numpy())
+        features = self.extractor(clips, sampling_rate=self.sample_rate, return_tensors="pt")["input_values"]
+        return features.to(waves.device)

@@ -1,0 +1,155 @@
+"""The pretrained teachers: mn04 hears what it should, key conversion round-trips, AST loads offline."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchaudio
+
+from audiokd_lib.teachers import (
+    ASTFrontend,
+    audioset_labels,
+    convert_efficientat_state_dict,
+    efficientat_mobilenet,
+    load_ast,
+    load_mn04_audioset,
+    replace_head,
+    set_trainable,
+)
+from audiokd_lib.weights import AUDIOSET_LABELS, MN04_AS, fetch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def weights_dir() -> Path:
+    """$AUDIOKD_WEIGHTS (CI), else the shared offline copies beside the project, else skip."""
+    if os.environ.get("AUDIOKD_WEIGHTS"):
+        return Path(os.environ["AUDIOKD_WEIGHTS"])
+    shared = ROOT.parent / "shared" / "weights"
+    if not shared.is_dir():
+        pytest.skip(f"no mn04 weights offline: set AUDIOKD_WEIGHTS to a folder holding {MN04_AS.name}")
+    return shared
+
+
+def mn04_frontend(waves: torch.Tensor) -> torch.Tensor:
+    """EfficientAT's log-mel front end (shared/weights/README.md): 32 kHz (B, samples) -> (B, 1, 128, T)."""
+    x = F.conv1d(waves[:, None], torch.tensor([[[-0.97, 1.0]]])).squeeze(1)  # pre-emphasis
+    spec = torch.stft(x, 1024, hop_length=320, win_length=800, window=torch.hann_window(800, periodic=False),
+                      center=True, return_complex=True)
+    mel = torchaudio.compliance.kaldi.get_mel_banks(128, 1024, 32000, 0.0, 15000.0, vtln_low=100.0,
+                                                     vtln_high=-500.0, vtln_warp_factor=1.0)[0]
+    mel = F.pad(mel, (0, 1))  # 512 Kaldi bins -> the STFT's 513
+    return ((torch.log(mel @ spec.abs() ** 2 + 1e-5) + 4.5) / 5)[:, None]
+
+
+def test_mn04_hears_a_sine_and_noise():
+    folder = weights_dir()
+    model = load_mn04_audioset(fetch(MN04_AS, weights_dir=folder, download=False))
+    labels = audioset_labels(fetch(AUDIOSET_LABELS, weights_dir=folder, download=False))
+    assert len(labels) == 527 and labels[0] == "Speech"
+    assert sum(p.numel() for p in model.parameters()) == 983_599  # as in the weights README
+    t = torch.arange(2 * 32000) / 32000
+    sine = 0.5 * torch.sin(2 * torch.pi * 440.0 * t)
+    noise = 0.3 * torch.randn(2 * 32000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = mn04_frontend(torch.stack([sine, noise]))
+        probs = torch.sigmoid(model(features))
+    assert features.shape == (2, 1, 128, 200)
+    assert labels[int(probs[0].argmax())] == "Sine wave" and probs[0].max() > 0.5  # measured 0.92
+    top3 = {labels[int(i)] for i in probs[1].topk(3).indices}  # measured: Static, White noise, Noise
+    assert top3 & {"White noise", "Static", "Noise"}
+
+
+def to_efficientat(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of convert_efficientat_state_dict: torchvision keys and shapes -> EfficientAT's."""
+    out = {}
+    for key, value in state.items():
+        if re.search(r"\.fc[12]\.(weight|bias)$", key):
+            key = re.sub(r"\.(fc[12]\.)", r".conc_se_layers.0.\1", key)
+            value = value[:, :, 0, 0] if value.dim() == 4 else value
+        key = re.sub(r"^classifier\.0\.", "classifier.2.", re.sub(r"^classifier\.3\.", "classifier.5.", key))
+        out[key] = value
+    return out
+
+
+def test_convert_state_dict_roundtrip():
+    original = efficientat_mobilenet().state_dict()
+    foreign = to_efficientat(original)
+    assert "classifier.5.weight" in foreign and "features.4.block.2.conc_se_layers.0.fc1.weight" in foreign
+    assert foreign["features.4.block.2.conc_se_layers.0.fc1.weight"].dim() == 2
+    back = convert_efficientat_state_dict(foreign)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_tiny_ast_roundtrip(tmp_path: Path):
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    torch.manual_seed(0)
+    config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       max_length=64, num_mel_bins=16, frequency_stride=16, time_stride=8, patch_size=16,
+                       id2label={i: f"old{i}" for i in range(5)}, label2id={f"old{i}": i for i in range(5)})
+    ckpt = tmp_path / "ckpt"
+    saved = ASTForAudioClassification(config)
+    saved.save_pretrained(ckpt)
+    ASTFeatureExtractor(num_mel_bins=16, max_length=64, sampling_rate=16000).save_pretrained(ckpt)
+
+    names = ["cello", "flute", "oboe"]
+    model = load_ast(ckpt, names).eval()
+    assert model.classifier.dense.out_features == 3 and model.config.id2label == dict(enumerate(names))
+    encoder_weight = "audio_spectrogram_transformer.layers.0.attention.q_proj.weight"
+    assert torch.equal(model.state_dict()[encoder_weight], saved.state_dict()[encoder_weight])
+
+    frontend = ASTFrontend.from_pretrained(ckpt)
+    assert frontend.sample_rate == 16000
+    waves = torch.randn(2, 16000) * 0.1
+    features = frontend(waves)
+    assert features.shape == (2, 64, 16)
+    direct = frontend.extractor(list(waves.numpy()), sampling_rate=16000, return_tensors="pt")["input_values"]
+    assert torch.equal(features, direct)
+    with torch.no_grad():
+        assert model(features).logits.shape == (2, 3)
+
+    def starting(*prefixes: str) -> set[str]:
+        return {name for name, _ in model.named_parameters() if name.startswith(prefixes)}
+
+    head = set_trainable(model, "head")
+    assert trainable_names(model) == starting("classifier.")
+    set_trainable(model, "last_blocks", last_blocks=1)  # the last encoder layer, and the layernorm after it
+    last = starting("audio_spectrogram_transformer.layers.1.", "audio_spectrogram_transformer.layernorm.")
+    assert trainable_names(model) == starting("classifier.") | last
+    assert set_trainable(model, "all") == sum(p.numel() for p in model.parameters()) > head
+
+    with pytest.raises(RuntimeError, match="teacher.checkpoint.*hub id or a local folder.*no folder"):
+        load_ast(tmp_path / "missing", names)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="exists but"):
+        ASTFrontend.from_pretrained(tmp_path / "empty")
+
+
+def test_set_trainable_mobilenet():
+    model = efficientat_mobilenet(num_classes=5)
+    counts = [set_trainable(model, mode, last_blocks=2) for mode in ("head", "last_blocks", "all")]
+    assert counts[0] < counts[1] < counts[2] == sum(p.numel() for p in model.parameters())
+    set_trainable(model, "head")
+    assert all(n.startswith("classifier.") for n in trainable_names(model))
+    with pytest.raises(ValueError, match="'head', 'last_blocks', 'all'"):
+        set_trainable(model, "encoder")
+    with pytest.raises(ValueError, match="last_blocks"):
+        set_trainable(model, "last_blocks", 0)
+
+
+def test_replace_head_keeps_the_body():
+    model = replace_head(efficientat_mobilenet(), 14).eval()
+    assert model.classifier[-1].out_features == 14 and model.classifier[-1].in_features == 512
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 128, 100)).shape == (2, 14)

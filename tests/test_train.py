@@ -1,0 +1,114 @@
+"""The shared training loop: distillation loss, feature augmentation, fitting, resuming, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from audiokd_lib import models, train
+from audiokd_lib.features import NormStats
+from audiokd_lib.params import load_params
+from audiokd_lib.train import FeatureAugment, FeatureSet, distillation_loss, fit
+
+
+def test_distillation_loss_matches_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    z_s, z_t = torch.randn(5, 4, generator=gen), torch.randn(5, 4, generator=gen) * 3
+    y = torch.tensor([0, 1, 2, 3, 1])
+    t, alpha = 3.0, 0.7
+    p_t, p_s = torch.softmax(z_t / t, 1), torch.softmax(z_s / t, 1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    ce = -torch.log_softmax(z_s, 1)[torch.arange(5), y].mean()
+    expected = alpha * t * t * kl + (1 - alpha) * ce
+    assert torch.isclose(distillation_loss(z_s, z_t, y, t, alpha), expected, atol=1e-6)
+
+
+def test_distillation_loss_limits():
+    z_s, z_t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    assert torch.isclose(distillation_loss(z_s, z_t, y, 3.0, 0.0), F.cross_entropy(z_s, y))
+    assert distillation_loss(z_t, z_t, y, 3.0, 1.0).abs() < 1e-6
+    # Multi-label: BCE against the teacher's tempered sigmoids, mixed with the hard BCE.
+    y_multi = torch.randint(0, 2, (6, 5)).float()
+    soft = F.binary_cross_entropy_with_logits(z_s / 2.0, torch.sigmoid(z_t / 2.0))
+    expected = 0.5 * 4.0 * soft + 0.5 * F.binary_cross_entropy_with_logits(z_s, y_multi)
+    assert torch.isclose(distillation_loss(z_s, z_t, y_multi, 2.0, 0.5, multilabel=True), expected)
+
+
+def test_soft_targets_round_trip_to_logits():
+    z = torch.randn(3, 4) * 4
+    for multilabel in (False, True):
+        probs = train._soft_targets(z, 3.0, multilabel)
+        again = train._soft_targets(train._logits_at(probs, 3.0, multilabel), 3.0, multilabel)
+        assert torch.allclose(probs, again, atol=1e-5)
+
+
+@pytest.fixture
+def tiny(smoke_profile):
+    """A smoke-profile student on 4 classes and a synthetic, learnable feature set."""
+    params = load_params(smoke_profile)
+    # 32 steps in all: BatchNorm's running statistics must follow fast to be usable in eval mode.
+    params = params.model_copy(update={"student": params.student.model_copy(update={"bn_momentum": 0.5})})
+    classes = ["a", "b", "c", "d"]
+    stats = NormStats(torch.full((128,), -5.0), torch.full((128,), 2.0), 1, [], "f", "d")
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.arange(64) % 4
+    feats = torch.randn(64, 1, 128, 40, generator=gen) - 6
+    for c in range(4):  # each class lights its own band of mel bins
+        feats[targets == c, :, 30 * c:30 * c + 20, :] += 4
+    data = FeatureSet(feats, targets, [f"clip{i}" for i in range(64)], classes, "fp")
+    return params, classes, stats, data
+
+
+def test_feature_augment_keeps_shapes_and_label_mass(tiny):
+    params, classes, stats, data = tiny
+    model = models.build_student(params, classes, stats)
+    aug = FeatureAugment(params, model, seed=0, kinds=["gain", "noise", "specaugment", "mixup"], crop_frames=25)
+    probs = torch.softmax(torch.randn(16, 4), 1)
+    x, y, extra = aug(data.features[:16], data.targets[:16], probs)
+    assert x.shape == (16, 1, 128, 25) and torch.isfinite(x).all()
+    assert torch.allclose(y.sum(1), torch.ones(16)) and torch.allclose(extra.sum(1), torch.ones(16))
+    gain_only = FeatureAugment(params, model, seed=0, kinds=["gain"], crop_frames=None)
+    shifted, _, _ = gain_only(data.features[:16], data.targets[:16])
+    offsets = (shifted - data.features[:16]).flatten(1)
+    assert torch.allclose(offsets.min(1).values, offsets.max(1).values, atol=1e-4)  # one constant per clip
+
+
+def test_fit_learns_restores_the_best_epoch_and_resumes_exactly(tiny, tmp_path):
+    params, classes, stats, data = tiny
+    tp = params.train.model_copy(update={"batch_size": 16, "crop_seconds": None, "patience": 5, "augment": []})
+
+    def run(folder, on_epoch=None):
+        torch.manual_seed(0)
+        model = models.build_student(params, classes, stats)
+        result = fit(model, data, data, tp.model_copy(update={"epochs": 4}), params, 0, tmp_path / folder,
+                     on_epoch=on_epoch, progress=False)
+        return model, result
+
+    model, full = run("straight")
+    assert full.best_score > 0.5 and len(full.history) == 4
+    best_row = full.history.loc[full.history["epoch"] == full.best_epoch].iloc[0]
+    assert best_row["val_macro_f1"] == pytest.approx(full.best_score)
+
+    def interrupt(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    # Interrupted after two epochs, then started again: it resumes and ends where the straight run did.
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed", interrupt)
+    _, resumed = run("resumed")
+    assert resumed.history["train_loss"].tolist() == pytest.approx(full.history["train_loss"].tolist(), rel=1e-5)
+
+
+def test_checkpoint_rebuilds_the_same_model(tiny, tmp_path):
+    params, classes, stats, _ = tiny
+    model = models.build_student(params, classes, NormStats(torch.randn(128), torch.rand(128) + 0.5, 1, [], "f", "d"))
+    path = models.save_checkpoint(model.eval(), tmp_path / "model.pt")
+    again = models.load_checkpoint(path)
+    wave = torch.randn(2, 16000)
+    assert torch.allclose(model(wave), again(wave), atol=1e-6)
+    assert again.classes == classes and again.spec["kind"] == "student"
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pt: not an audiokd checkpoint"):
+        models.load_checkpoint(tmp_path / "junk.pt")
