@@ -53,14 +53,15 @@ print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; te
 # %% [markdown]
 # ## What the pretrained model hears, before we touch it
 #
-# For the EfficientAT teacher we can ask the untouched AudioSet model what it hears in a few of our
-# rendered notes. If the front end matched badly (another mel scale, another normalisation), these
+# For the EfficientAT teacher we can ask the untouched AudioSet model what it hears in one mezzo-forte
+# note from the middle of each instrument's range. If the front end matched badly (another mel scale, another normalisation), these
 # answers would be nonsense; good answers tell us the features are the ones the weights expect.
 
 # %%
 if params.teacher.kind == "efficientat":
     audioset = models.pretrained_audioset(params)
-    examples = clips[clips["split"] == "test"].groupby("label").head(1).head(6)
+    test_mf = clips[(clips["split"] == "test") & (clips["dynamics"] == "mf")].sort_values("pitch_id")
+    examples = test_mf.groupby("label", group_keys=False)[test_mf.columns].apply(lambda g: g.iloc[[len(g) // 2]])
     rows = []
     with torch.inference_mode():
         for _, clip in examples.iterrows():

@@ -1,0 +1,70 @@
+"""Runs: the teacher's cached soft labels refuse stale data, the verdict, classify by role name."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from audiokd_lib import models, runs, tracking
+from audiokd_lib.audio import save_audio
+from audiokd_lib.cli import main
+from audiokd_lib.features import NormStats
+from audiokd_lib.params import load_params
+from audiokd_lib.train import FeatureSet
+
+CLASSES = ["Flute", "Oboe", "Violin"]
+
+
+def tiny_model(params):
+    stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
+    model = models.build_student(params, CLASSES, stats).eval()
+    model.spec["identity"] = "a tiny stand-in teacher"
+    return model
+
+
+def feature_set(n: int, name: str) -> FeatureSet:
+    return FeatureSet(torch.randn(n, 1, 128, 20), torch.arange(n) % 3, [f"{name}{i}" for i in range(n)], CLASSES, "fp")
+
+
+def test_teacher_logits_are_refused_for_other_clips_or_another_teacher(smoke_profile):
+    params = load_params(smoke_profile)
+    teacher = tiny_model(params)
+    checkpoint = models.save_checkpoint(teacher, runs.teacher_logits_path(params).with_name("model.pt"))
+    sets = {"train": feature_set(6, "a"), "val": feature_set(3, "b")}
+    runs.cache_teacher_logits(params, teacher, checkpoint, sets)
+    logits, identity = runs.load_teacher_logits(params, sets)
+    assert identity == "a tiny stand-in teacher" and logits["train"].shape == (6, 3)
+    assert torch.allclose(logits["val"], runs.predict(teacher, sets["val"]))
+
+    changed = {**sets, "val": feature_set(3, "c")}
+    with pytest.raises(ValueError, match="split 'val' belong to other clips"):
+        runs.load_teacher_logits(params, changed)
+    torch.nn.init.zeros_(teacher.net.classifier[-1].weight)
+    models.save_checkpoint(teacher, checkpoint)  # the teacher was fine-tuned again
+    with pytest.raises(ValueError, match="another teacher checkpoint"):
+        runs.load_teacher_logits(params, sets)
+
+
+def test_verdict_compares_with_the_seed_spread():
+    table = pd.DataFrame({"variant": ["baseline"] * 3 + ["kd-cached"] * 3 + ["kd-consistent"] * 3,
+                          "score": [0.70, 0.72, 0.74, 0.80, 0.81, 0.82, 0.71, 0.73, 0.75]})
+    text = runs.verdict(runs.seed_summary(table, "score", by="variant"), "score")
+    cached, consistent = text.splitlines()
+    assert "kd-cached" in cached and "better than the baseline" in cached and "+0.090" in cached
+    assert "kd-consistent" in consistent and "within the seed spread" in consistent
+    single = runs.seed_summary(table.groupby("variant").head(1), "score", by="variant")
+    assert "one seed only" in runs.verdict(single, "score")
+
+
+def test_classify_finds_a_profiles_latest_model_by_role(smoke_profile, tmp_path, capsys):
+    params = load_params(smoke_profile)
+    checkpoint = models.save_checkpoint(tiny_model(params), tmp_path / "model.pt")
+    with tracking.start_run(params, "student-kd", "student-kd-cached-seed0"):
+        tracking.log_artifacts([checkpoint])
+    t = torch.arange(32000) / 32000
+    wave = save_audio(tmp_path / "tone.wav", 0.3 * torch.sin(2 * torch.pi * 440 * t)[None], 32000)
+    assert main(["classify", str(wave), "--model", "student-kd", "--profile", str(smoke_profile)]) == 0
+    assert capsys.readouterr().out.startswith(str(wave))
+    assert main(["classify", str(wave), "--model", "teacher", "--profile", str(smoke_profile)]) == 1
+    assert "03_teacher" in capsys.readouterr().err
