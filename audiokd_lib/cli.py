@@ -20,11 +20,13 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute the notebooks of a profile with papermill")
     run.add_argument("--params", default="params/quick.yaml", help="profile file (default: %(default)s)")
-    run.add_argument("--from", dest="start", metavar="NOTEBOOK", help="resume from this notebook (e.g. 02_features or 02)")
+    run.add_argument("--from", dest="start", metavar="NOTEBOOK",
+                     help="resume from this notebook (e.g. 02_features or 02)")
     classify = commands.add_parser("classify", help="print the top classes of audio files")
     classify.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
     classify.add_argument("--model", required=True,
-                          help="a model.pt checkpoint, or a role (teacher, student-baseline, student-kd) with --profile")
+                          help="a model.pt checkpoint, or a role (teacher, student-baseline, student-kd) "
+                               "with --profile")
     classify.add_argument("--profile", help="profile whose newest run of that role to use, e.g. quick")
     classify.add_argument("--top", type=int, default=3, help="classes to show (default: %(default)s)")
     classify.add_argument("--json", action="store_true", help="print one JSON object per file")

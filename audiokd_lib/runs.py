@@ -158,7 +158,8 @@ def train_and_log(params: Params, role: str, name: str, model: Classifier, sets:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key.txt").write_text(key)
 
-    full_tags = {"model": name, "teacher": "none (labels only)", "dataset_fingerprint": sets["train"].data_fingerprint, **tags}
+    full_tags = {"model": name, "teacher": "none (labels only)",
+                 "dataset_fingerprint": sets["train"].data_fingerprint, **tags}
     with tracking.start_run(params, role, name, full_tags, params_file) as run:
         result = fit(model, sets["train"], sets["val"], tp, params, seed, run_dir, teacher=teacher,
                      teacher_logits=teacher_logits, kd=kd, progress=progress)

@@ -191,7 +191,11 @@ class FeatureAugment:
             y, extra = (joint, None) if extra is None else (joint[:, :y1.shape[1]], joint[:, y1.shape[1]:])
         if "specaugment" in self.kinds:
             s = self.aug.specaugment
-            x = augment.spec_augment(x, s.freq_mask, s.time_mask, s.n_masks, self.torch_gen)
+            if self.log_power:
+                x = augment.spec_augment(x, s.freq_mask, s.time_mask, s.n_masks, self.torch_gen)
+            else:  # AST's features are (batch, frames, bins): mask them the right way round
+                x = augment.spec_augment(x.transpose(-1, -2), s.freq_mask, s.time_mask, s.n_masks,
+                                         self.torch_gen).transpose(-1, -2)
         return x, y, extra
 
 
@@ -268,8 +272,10 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
     steps = math.ceil(len(train) / tp.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tp, steps))
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on CUDA only
-    hop_seconds = model.spec.get("features", {}).get("hop_length", 320) / model.sample_rate
-    crop = None if tp.crop_seconds is None else round(tp.crop_seconds / hop_seconds)
+    # AST reads a fixed number of frames (its position embeddings): it always gets whole clips.
+    crop = None
+    if tp.crop_seconds is not None and model.spec["kind"] != "ast":
+        crop = round(tp.crop_seconds * model.sample_rate / model.spec["features"]["hop_length"])
     aug = FeatureAugment(params, model, seed, tp.augment, crop)
     order_gen = torch.Generator().manual_seed(seed)
     history: list[dict] = []

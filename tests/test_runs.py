@@ -11,7 +11,7 @@ from audiokd_lib.audio import save_audio
 from audiokd_lib.cli import main
 from audiokd_lib.features import NormStats
 from audiokd_lib.params import load_params
-from audiokd_lib.train import FeatureSet
+from audiokd_lib.train import FeatureSet, fit, predict
 
 CLASSES = ["Flute", "Oboe", "Violin"]
 
@@ -35,7 +35,7 @@ def test_teacher_logits_are_refused_for_other_clips_or_another_teacher(smoke_pro
     runs.cache_teacher_logits(params, teacher, checkpoint, sets)
     logits, identity = runs.load_teacher_logits(params, sets)
     assert identity == "a tiny stand-in teacher" and logits["train"].shape == (6, 3)
-    assert torch.allclose(logits["val"], runs.predict(teacher, sets["val"]))
+    assert torch.allclose(logits["val"], predict(teacher, sets["val"]))
 
     changed = {**sets, "val": feature_set(3, "c")}
     with pytest.raises(ValueError, match="split 'val' belong to other clips"):
@@ -68,3 +68,29 @@ def test_classify_finds_a_profiles_latest_model_by_role(smoke_profile, tmp_path,
     assert capsys.readouterr().out.startswith(str(wave))
     assert main(["classify", str(wave), "--model", "teacher", "--profile", str(smoke_profile)]) == 1
     assert "03_teacher" in capsys.readouterr().err
+
+
+def test_an_ast_teacher_trains_and_reloads_through_the_same_path(smoke_profile, tmp_path):
+    """The full profile's teacher path, on a tiny random AST saved with save_pretrained."""
+    from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-ast"
+    ASTForAudioClassification(ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, max_length=64, num_mel_bins=16, frequency_stride=16,
+                                        time_stride=8, patch_size=16)).save_pretrained(folder)
+    ASTFeatureExtractor(num_mel_bins=16, max_length=64, sampling_rate=16000).save_pretrained(folder)
+    base = load_params(smoke_profile)
+    params = base.model_copy(update={"teacher": base.teacher.model_copy(update={
+        "kind": "ast", "checkpoint": str(folder), "finetune": "last_blocks", "last_blocks": 1})})
+    teacher = models.build_teacher(params, CLASSES)
+    assert teacher.sample_rate == 16000 and "AST" in models.teacher_identity(teacher)
+    waves = torch.randn(12, 16000) * 0.1
+    feats = torch.cat([teacher.features(w[None]) for w in waves])
+    data = FeatureSet(feats, torch.arange(12) % 3, [f"c{i}" for i in range(12)], CLASSES, "fp")
+    tp = params.teacher.train.model_copy(update={"epochs": 1, "batch_size": 4})
+    result = fit(teacher, data, data, tp, params, 0, tmp_path / "run", progress=False)
+    assert len(result.history) == 1
+    path = models.save_checkpoint(teacher, tmp_path / "teacher.pt")
+    again = models.load_checkpoint(path)
+    assert torch.allclose(teacher.eval()(waves[:2]), again(waves[:2]), atol=1e-5)
