@@ -35,12 +35,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             run_notebooks(args.params, start=args.start)
+            _print_table(args.params)
         elif args.command == "classify":
             return _classify(args)
     except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_table(params_file: str) -> None:
+    """After a run, the table the notebooks built, read back from the profile's MLflow store."""
+    import pandas as pd
+
+    from .params import load_params
+    from .runs import results_table
+
+    table = results_table(load_params(params_file))
+    if len(table):
+        with pd.option_context("display.width", 250, "display.max_columns", None, "display.precision", 3):
+            print(f"\nmodels in the MLflow store (newest run per model):\n{table.drop(columns=['role'])}")
 
 
 def _classify(args: argparse.Namespace) -> int:

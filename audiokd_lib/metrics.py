@@ -237,7 +237,7 @@ def complexity(
     threads: int = 1,
     repeats: int = 30,
     warmup: int = 5,
-    batch: int = 16,
+    batch: int = 32,
 ) -> Complexity:
     """Measure a model: parameters, checkpoint size, MACs of one clip and CPU latency.
 

@@ -93,8 +93,14 @@ def student_net(sp: StudentParams, num_classes: int) -> nn.Module:
     return net
 
 
-def build_student(params: Params, classes: list[str], stats: NormStats, multilabel: bool = False) -> Classifier:
-    """The student of the profile: log-mel front end, training-split normalisation, MobileNet."""
+def build_student(params: Params, classes: list[str], stats: NormStats, multilabel: bool = False,
+                  seed: int | None = None) -> Classifier:
+    """The student of the profile: log-mel front end, training-split normalisation, MobileNet.
+
+    `seed` fixes the random initial weights, so a run's seed decides everything random about it.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
     fp = params.features
     spec = {"kind": "student", "arch": params.student.arch, "width_mult": params.student.width_mult,
             "bn_momentum": params.student.bn_momentum, "classes": list(classes), "multilabel": multilabel,

@@ -1,8 +1,9 @@
 """One model run, start to finish: train, evaluate the same way as every other model, log to MLflow.
 
-Notebooks 03-05 (and later 06-07) call :func:`train_and_log` with a role (`teacher`,
-`student-baseline`, `student-kd`, ...) and get back the MLflow row of the run. Everything a table
-needs is measured here, identically for every model:
+Notebook 03 calls :func:`train_and_log` with a role (`teacher`, `student-baseline`, `student-kd`, ...)
+and gets back the model and the MLflow row of the run; notebooks 04-05 hand several runs (one per
+seed and variant) to :func:`train_many`, which trains them side by side in worker processes.
+Everything a table needs is measured here, identically for every model:
 
 - accuracy and macro-F1 (mAP and micro-F1 for multi-label data) on the in-domain `test` split and on
   the `heldout` split (the unseen soundfont), a per-class report, a confusion matrix, PR curves;
@@ -15,21 +16,26 @@ A run that was interrupted resumes from its last epoch.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import multiprocessing
+import os
 import shutil
-from dataclasses import asdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import metrics, plots, tracking
 from .files import atomic_path, write_json
 from .models import Classifier, load_checkpoint, save_checkpoint
 from .params import Params, TrainParams
-from .train import FeatureSet, cached_features, fit, predict
+from .train import FeatureSet, FitResult, cached_features, fit, predict
 
 EVAL_SPLITS = ("test", "heldout")  # in-domain, and the soundfont no model ever trained on
 
@@ -134,54 +140,161 @@ def run_key(params: Params, role: str, seed: int, tp: TrainParams, data_fp: str,
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass
+class RunJob:
+    """One model to train and log: what :func:`train_many` needs besides the shared data and recipe."""
+
+    role: str                                   # teacher, student-baseline, student-kd, ...
+    name: str                                   # the model's name in tables, folders and MLflow
+    model: Classifier                           # trained in place
+    seed: int
+    tags: dict[str, str] = field(default_factory=dict)
+    teacher: Classifier | None = None           # consistent distillation: the teacher sees every batch
+    teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
+
+
 def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
                   seed: int, tp: TrainParams, teacher: Classifier | None = None,
                   teacher_logits: torch.Tensor | None = None, kd: tuple[float, float] | None = None,
                   tags: dict[str, str] | None = None, params_file: str | Path | None = None,
                   progress: bool = True) -> tuple[Classifier, pd.Series]:
-    """Train (or resume, or reuse) one model, evaluate it, log everything; return it and its MLflow row."""
-    run_dir = params.output_dir / "models" / name
-    data_fp = sets_fingerprint(sets)
-    tags = {"seed": str(seed), **(tags or {})}
-    key = run_key(params, role, seed, tp, data_fp, tags)
+    """Train (or resume, or reuse) one model in this process, evaluate it, log it; return it and its MLflow row."""
+    job = RunJob(role, name, model, seed, tags or {}, teacher, teacher_logits)
+    [row] = train_many(params, [job], sets, tp=tp, kd=kd, params_file=params_file, workers=1, progress=progress)
+    return job.model, row
+
+
+def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], *, tp: TrainParams,
+               kd: tuple[float, float] | None = None, params_file: str | Path | None = None,
+               workers: int | None = None, progress: bool = True) -> list[pd.Series]:
+    """Train several runs (seeds, variants) side by side, then evaluate and log each; return their MLflow rows.
+
+    Training is what costs, and runs are independent: they go to `workers` processes (default:
+    `params.workers`) of `params.threads` threads each. Evaluation and the latency measurement happen
+    afterwards, one run at a time in this process, so no timing is taken while another run trains.
+    Finished runs with the same settings are reused; interrupted ones resume from their last epoch.
+    """
+    rows, todo = {}, []
+    for job in jobs:
+        row = _reuse_or_prepare(params, job, sets, tp)
+        if row is None:
+            todo.append(job)
+        else:
+            rows[job.name] = row
+    workers = min(workers or params.workers or _default_workers(), len(todo))
+    results = {}
+    if workers <= 1:
+        for job in todo:
+            results[job.name] = _fit_job(params, job, sets["train"], sets["val"], tp, kd, progress)
+    else:
+        # spawn, not fork: a forked copy of a process that already ran torch threads can deadlock.
+        print(f"training {len(todo)} runs in {workers} processes of {params.threads} thread(s) each")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, sets, tp, kd)): job for job in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
+                job, result = futures[future], future.result()
+                results[job.name] = result
+                print(f"{job.name}: best val {result.metric} {result.best_score:.3f} at epoch {result.best_epoch} "
+                      f"of {len(result.history)} ({result.history['seconds'].sum():.0f} s)")
+        for job in todo:
+            fitted = _run_dir(params, job) / "fitted.pt"
+            job.model.load_state_dict(torch.load(fitted, weights_only=True))
+            job.model.eval()
+    for job in todo:
+        rows[job.name] = _log_run(params, job, sets, tp, results[job.name], params_file)
+        (_run_dir(params, job) / "fitted.pt").unlink(missing_ok=True)
+    return [rows[job.name] for job in jobs]
+
+
+def _default_workers() -> int:
+    if torch.cuda.is_available():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_dir(params: Params, job: RunJob) -> Path:
+    return params.output_dir / "models" / job.name
+
+
+def _job_tags(job: RunJob) -> dict[str, str]:
+    return {"seed": str(job.seed), **job.tags}
+
+
+def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> pd.Series | None:
+    """The MLflow row of a finished run with the same settings (its weights loaded), else None after
+    clearing a run folder whose settings changed."""
+    run_dir = _run_dir(params, job)
+    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), _job_tags(job))
     done_file, checkpoint = run_dir / "done.json", run_dir / "model.pt"
     if done_file.is_file() and checkpoint.is_file():
         done = json.loads(done_file.read_text())
-        runs = tracking.runs_frame(params, role)
+        runs = tracking.runs_frame(params, job.role)
         found = runs[runs["run_id"] == done.get("run_id")] if done.get("key") == key else runs.iloc[:0]
         if len(found):
-            print(f"{name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
-            return load_checkpoint(checkpoint), found.iloc[0]
+            print(f"{job.name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
+            job.model = load_checkpoint(checkpoint)
+            return found.set_index("run_id").iloc[0]
     if (run_dir / "key.txt").is_file() and (run_dir / "key.txt").read_text() != key:
-        print(f"{name}: settings changed since the last run; starting it again")
+        print(f"{job.name}: settings changed since the last run; starting it again")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key.txt").write_text(key)
+    return None
 
-    full_tags = {"model": name, "teacher": "none (labels only)",
-                 "dataset_fingerprint": sets["train"].data_fingerprint, **tags}
-    with tracking.start_run(params, role, name, full_tags, params_file) as run:
-        result = fit(model, sets["train"], sets["val"], tp, params, seed, run_dir, teacher=teacher,
-                     teacher_logits=teacher_logits, kd=kd, progress=progress)
+
+def _fit_job(params: Params, job: RunJob, train: FeatureSet, val: FeatureSet, tp: TrainParams,
+             kd: tuple[float, float] | None, progress: bool) -> FitResult:
+    return fit(job.model, train, val, tp, params, job.seed, _run_dir(params, job), teacher=job.teacher,
+               teacher_logits=job.teacher_logits, kd=kd, progress=progress)
+
+
+def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams,
+                    kd: tuple[float, float] | None) -> bytes:
+    # torch.save rather than the pool's own pickling: tensors then travel inside the bytes, not through
+    # /dev/shm (64 MB in a default Docker container). Feature sets travel as their cache file's path.
+    buffer = io.BytesIO()
+    torch.save({"params": params, "job": job, "train": sets["train"], "val": sets["val"], "tp": tp, "kd": kd}, buffer)
+    return buffer.getvalue()
+
+
+def _fit_in_worker(payload: bytes) -> FitResult:
+    """Runs in a worker process: train one job and leave its best weights in `fitted.pt`."""
+    work = torch.load(io.BytesIO(payload), weights_only=False)  # made a moment ago by our own parent process
+    params, job = work["params"], work["job"]
+    torch.set_num_threads(params.threads)
+    result = _fit_job(params, job, work["train"], work["val"], work["tp"], work["kd"], progress=False)
+    with atomic_path(_run_dir(params, job) / "fitted.pt") as tmp:
+        torch.save(job.model.state_dict(), tmp)
+    return result
+
+
+def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams, result: FitResult,
+             params_file: str | Path | None) -> pd.Series:
+    """Evaluate a trained job, save its checkpoint and figures, and log all of it as one MLflow run."""
+    run_dir, model = _run_dir(params, job), job.model
+    checkpoint = run_dir / "model.pt"
+    tags = {"model": job.name, "teacher": "none (labels only)",
+            "dataset_fingerprint": sets["train"].data_fingerprint, **_job_tags(job)}
+    with tracking.start_run(params, job.role, job.name, tags, params_file) as run:
         for row in result.history.to_dict("records"):
             tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
-        save_checkpoint(model, checkpoint, role=role, seed=seed, run_id=run.info.run_id)
-        fig = loss_figure(result.history, result.metric, name)
-        curves = plots.save_fig(fig, params, f"{name}_loss")
+        save_checkpoint(model, checkpoint, role=job.role, seed=job.seed, run_id=run.info.run_id)
+        fig = loss_figure(result.history, result.metric, job.name)
+        curves = plots.save_fig(fig, params, f"{job.name}_loss")
         plt.close(fig)
-        results, artifacts = evaluate(params, model, sets, name)
+        results, artifacts = evaluate(params, model, sets, job.name)
         example = sets["val"].features[:1]
         cx = measure(params, model, checkpoint, example)
-        frames = example.shape[-1]
         tracking.log_final({**results, **{k: float(v) for k, v in asdict(cx).items()},
                             "best_epoch": result.best_epoch, f"val_{result.metric}": result.best_score,
                             "epochs_run": len(result.history), "train_seconds": float(result.history["seconds"].sum()),
-                            "clip_frames": frames})
+                            "clip_frames": example.shape[-1]})
         tracking.log_artifacts([checkpoint, curves, *artifacts])
         run_id = run.info.run_id
-    write_json(done_file, {"key": key, "run_id": run_id})
+    key = (run_dir / "key.txt").read_text()
+    write_json(run_dir / "done.json", {"key": key, "run_id": run_id})
     (run_dir / "last.pt").unlink(missing_ok=True)  # the best weights live in model.pt now
-    return model, tracking.runs_frame(params, role).set_index("run_id").loc[run_id].rename(run_id)
+    return tracking.runs_frame(params, job.role).set_index("run_id").loc[run_id].rename(run_id)
 
 
 # --------------------------------------------------------------------------- the teacher's soft labels
@@ -235,7 +348,7 @@ TABLE_COLUMNS = {
     "test_mAP": "test mAP", "test_micro_f1": "test micro-F1", "heldout_mAP": "heldout mAP",
     "heldout_micro_f1": "heldout micro-F1",
     "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
-    "latency_batch_ms": "latency ms/clip @16",
+    "latency_batch_ms": "latency ms/clip @32",
 }
 
 

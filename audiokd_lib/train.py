@@ -53,6 +53,19 @@ class FeatureSet:
     classes: list[str]
     data_fingerprint: str           # of the whole clip table the split came from (data.fingerprint)
     skipped: list[str] = field(default_factory=list)
+    cache_file: str | None = None   # where `features` came from, so a copy sent to a worker needs no payload
+
+    def __getstate__(self) -> dict:
+        # Sent to a training worker (runs.train_many): the features travel as their cache file's path.
+        state = dict(self.__dict__)
+        if self.cache_file is not None:
+            state["features"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["features"] is None:
+            state["features"] = torch.load(state["cache_file"], weights_only=True)["features"].float()
+        self.__dict__.update(state)
 
     @property
     def multilabel(self) -> bool:
@@ -104,7 +117,7 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
     for err in saved["skipped"]:
         print(f"skipped unreadable clip: {err}")
     return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
-                      list(saved["skipped"]))
+                      list(saved["skipped"]), cache_file=str(path))
 
 
 # --------------------------------------------------------------------------- losses

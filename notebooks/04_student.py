@@ -63,15 +63,18 @@ print(student.net.classifier)
 # Features come from the cache notebook 03 filled (the students share the teacher's front end).
 # Each run logs its settings, per-epoch losses, final metrics and checkpoint to MLflow; a run that
 # already finished with the same settings is reused, an interrupted one resumes.
+#
+# The runs are independent, so they train side by side: `workers` processes (by default one per CPU
+# core) of `threads` threads each. On a CPU that is the cheap way to use several cores, since a
+# small network on one core per process trains faster than one process spread over all of them.
+# Evaluation and the latency measurement come afterwards, one run at a time, on a quiet machine.
 
 # %%
 sets = runs.feature_sets(params, clips, student)
-baseline_runs = []
-for seed in params.train.seeds:
-    model = models.build_student(params, classes, stats)
-    _, row = runs.train_and_log(params, "student-baseline", f"student-baseline-seed{seed}", model, sets, seed=seed,
-                                tp=params.train, tags={"variant": "baseline"}, params_file=params_file)
-    baseline_runs.append(row)
+jobs = [runs.RunJob("student-baseline", f"student-baseline-seed{seed}",
+                    models.build_student(params, classes, stats, seed=seed), seed, tags={"variant": "baseline"})
+        for seed in params.train.seeds]
+baseline_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=params_file)
 
 # %%
 display(Image(filename=str(params.output_dir / "figures" / f"student-baseline-seed{params.train.seeds[0]}_loss.png")))

@@ -77,17 +77,17 @@ print("alpha = 0 is cross-entropy; identical logits give a zero soft term")
 # EfficientAT teacher, which shares the students' front end.
 
 # %%
+jobs = []
 for mode in params.kd.modes:
     if mode == "consistent":
         runs.check_shared_frontend(teacher, student)
-    for seed in params.train.seeds:
-        model = models.build_student(params, classes, stats)
-        runs.train_and_log(
-            params, "student-kd", f"student-kd-{mode}-seed{seed}", model, sets, seed=seed, tp=params.train,
-            teacher=teacher if mode == "consistent" else None,
-            teacher_logits=soft_labels["train"] if mode == "cached" else None, kd=kd,
-            tags={"variant": f"kd-{mode}", "teacher": identity, "kd_mode": mode}, params_file=params_file,
-        )
+    jobs += [runs.RunJob("student-kd", f"student-kd-{mode}-seed{seed}",
+                         models.build_student(params, classes, stats, seed=seed), seed,
+                         tags={"variant": f"kd-{mode}", "teacher": identity, "kd_mode": mode},
+                         teacher=teacher if mode == "consistent" else None,
+                         teacher_logits=soft_labels["train"] if mode == "cached" else None)
+             for seed in params.train.seeds]
+kd_runs = runs.train_many(params, jobs, sets, tp=params.train, kd=kd, params_file=params_file)
 
 # %% [markdown]
 # ## The table: teacher, baseline and distilled students

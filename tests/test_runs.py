@@ -16,9 +16,9 @@ from audiokd_lib.train import FeatureSet, fit, predict
 CLASSES = ["Flute", "Oboe", "Violin"]
 
 
-def tiny_model(params):
+def tiny_model(params, seed=None):
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = models.build_student(params, CLASSES, stats).eval()
+    model = models.build_student(params, CLASSES, stats, seed=seed).eval()
     model.spec["identity"] = "a tiny stand-in teacher"
     return model
 
@@ -94,3 +94,45 @@ def test_an_ast_teacher_trains_and_reloads_through_the_same_path(smoke_profile, 
     path = models.save_checkpoint(teacher, tmp_path / "teacher.pt")
     again = models.load_checkpoint(path)
     assert torch.allclose(teacher.eval()(waves[:2]), again(waves[:2]), atol=1e-5)
+
+
+def test_runs_trained_in_worker_processes_match_runs_trained_here(smoke_profile, tmp_path):
+    """train_many: two worker processes give the same weights and MLflow rows as this process,
+    and a second call reuses the finished runs instead of training them again."""
+    params = load_params(smoke_profile)
+    tp = params.train.model_copy(update={"epochs": 2, "batch_size": 8, "crop_seconds": None,
+                                         "augment": ["gain", "specaugment"]})
+    sets = {"train": feature_set(24, "t"), "val": feature_set(9, "v"), "test": feature_set(9, "x")}
+    teacher = tiny_model(params)
+    soft = predict(teacher, sets["train"])
+
+    def jobs(prefix):
+        return [runs.RunJob("student-kd", f"{prefix}-seed{seed}", tiny_model(params, seed), seed,
+                            tags={"variant": prefix}, teacher_logits=soft) for seed in (0, 1)]
+
+    torch.set_num_threads(params.threads)  # what the workers use
+    here, there = jobs("here"), jobs("there")
+    runs.train_many(params, here, sets, tp=tp, kd=(3.0, 0.7), workers=1, progress=False)
+    rows = runs.train_many(params, there, sets, tp=tp, kd=(3.0, 0.7), workers=2, progress=False)
+    for a, b, row in zip(here, there, rows):
+        for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            assert torch.allclose(x.float(), y.float(), atol=1e-5), name
+        assert row["model"] == b.name and row["test_macro_f1"] >= 0
+        assert not (params.output_dir / "models" / b.name / "fitted.pt").exists()
+    again = jobs("there")
+    rows_again = runs.train_many(params, again, sets, tp=tp, kd=(3.0, 0.7), workers=2, progress=False)
+    assert [r.name for r in rows_again] == [r.name for r in rows]  # the same MLflow runs, not new ones
+
+
+def test_a_feature_set_travels_to_a_worker_as_its_cache_file(tmp_path):
+    import pickle
+
+    features = torch.randn(5, 1, 128, 20).half()
+    cache = tmp_path / "train.pt"
+    torch.save({"features": features}, cache)
+    data = FeatureSet(features.float(), torch.arange(5) % 3, [f"c{i}" for i in range(5)], CLASSES, "fp",
+                      cache_file=str(cache))
+    blob = pickle.dumps(data)
+    assert len(blob) < features.numel()  # no feature payload
+    back = pickle.loads(blob)
+    assert torch.equal(back.features, data.features) and back.paths == data.paths
