@@ -190,7 +190,10 @@ def save_checkpoint(model: Classifier, path: str | Path, **extra: Any) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Classifier:
-    """Rebuild a Classifier saved by :func:`save_checkpoint`, in eval mode, on the CPU."""
+    """Rebuild a Classifier saved by :func:`save_checkpoint`, in eval mode, on the CPU.
+
+    A channel-pruned model (spec "pruning" of kind "structured") comes back at its pruned widths.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
@@ -217,5 +220,34 @@ def load_checkpoint(path: str | Path) -> Classifier:
         model = Classifier(spec, frontend, nn.Identity(), _ASTLogits(net))
     else:
         raise ValueError(f"{path}: unknown model kind {spec['kind']!r}")
+    if spec.get("pruning", {}).get("kind") == "structured":
+        _shrink_to(model.net, saved["state_dict"], prefix="net.")
     model.load_state_dict(saved["state_dict"])
     return model.eval()
+
+
+def _shrink_to(net: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """Give each conv, BatchNorm and linear layer of `net` the shapes its weights have in `state_dict`.
+
+    A channel-pruned network is narrower than the one its spec builds. Each layer gets empty tensors of
+    the saved shapes (load_state_dict fills them) and the channel counts its forward reads; a depthwise
+    convolution (one group per channel) keeps groups equal to its channels.
+    """
+    for name, module in net.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)):
+            continue
+        weight = state_dict[f"{prefix}{name}.weight"]
+        if isinstance(module, nn.Conv2d):
+            if module.groups > 1 and module.groups == module.in_channels:
+                module.groups = weight.shape[0]
+            module.out_channels, module.in_channels = weight.shape[0], weight.shape[1] * module.groups
+        elif isinstance(module, nn.BatchNorm2d):
+            module.num_features = weight.shape[0]
+        else:
+            module.out_features, module.in_features = weight.shape
+        for key, tensor in list(module._parameters.items()):
+            if tensor is not None:
+                module._parameters[key] = nn.Parameter(torch.empty_like(state_dict[f"{prefix}{name}.{key}"]))
+        for key, tensor in list(module._buffers.items()):
+            if tensor is not None:
+                module._buffers[key] = torch.empty_like(state_dict[f"{prefix}{name}.{key}"])

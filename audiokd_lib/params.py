@@ -193,6 +193,27 @@ class KDParams(_Section):
     modes: list[Literal["cached", "consistent"]] = Field(["cached", "consistent"], min_length=1)
 
 
+class PruneParams(_Section):
+    """Pruning the distilled student (notebook 06) and re-training what was pruned (notebook 07)."""
+
+    source: Literal["student-kd", "student-baseline"] = "student-kd"  # its best run by validation score
+    sparsities: list[float] = Field([0.3, 0.5, 0.7, 0.9], min_length=1, description="unstructured sweep")
+    channel_ratios: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="structured sweep")
+    importance: Literal["l1", "taylor"] = "l1"  # how channels are ranked for removal
+    sparsity: float = Field(0.7, gt=0.0, lt=1.0, description="the unstructured setting re-trained in 07")
+    channel_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
+    retrain: list[Literal["kd", "labels"]] = Field(["kd", "labels"], min_length=1)
+    train: TrainParams = TrainParams(epochs=5, lr=1e-3, warmup_epochs=0.5, seeds=[0])
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneParams:
+        for name in ("sparsities", "channel_ratios"):
+            bad = [v for v in getattr(self, name) if not 0.0 < v < 1.0]
+            if bad:
+                raise ValueError(f"prune.{name}: every value must lie strictly between 0 and 1, got {bad}")
+        return self
+
+
 class Params(_Section):
     profile: str
     seed: int = 0
@@ -210,6 +231,7 @@ class Params(_Section):
     student: StudentParams = StudentParams()
     train: TrainParams = TrainParams()
     kd: KDParams = KDParams()
+    prune: PruneParams = PruneParams()
 
     @property
     def output_dir(self) -> Path:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import metrics, plots, tracking
+from . import metrics, plots, prune, tracking
 from .files import atomic_path, write_json
 from .models import Classifier, load_checkpoint, save_checkpoint
 from .params import Params, TrainParams
@@ -82,9 +82,30 @@ class _Head(nn.Module):
         return self.model.head(features)
 
 
-def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> metrics.Complexity:
-    """Params, size on disk, MACs and CPU latency for one clip's features (front end excluded)."""
-    return metrics.complexity(_Head(model).eval(), example[:1], checkpoint, threads=params.threads)
+def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> dict[str, float]:
+    """Params, size on disk, MACs and CPU latency for one clip's features (front end excluded).
+
+    Next to the dense figures, what only non-zero weights cost: they differ for unstructured-pruned
+    models, whose zeros still take dense memory and dense arithmetic (notebook 06).
+    """
+    head = _Head(model).eval()
+    cx = metrics.complexity(head, example[:1], checkpoint, threads=params.threads)
+    return {**{k: float(v) for k, v in asdict(cx).items()},
+            "nonzero_params": float(prune.sparsity(model)["nonzero_params"]),
+            "nonzero_macs": float(prune.nonzero_macs(model, example[:1])),
+            "compressed_mb": prune.compressed_size_mb(model)}
+
+
+def scores(model: Classifier, sets: dict[str, FeatureSet]) -> dict[str, float]:
+    """The table's scores on the test and heldout splits (e.g. `heldout_macro_f1`), nothing saved."""
+    results = {}
+    for split in EVAL_SPLITS:
+        if split in sets:
+            data = sets[split]
+            found = metrics.classification_metrics(data.targets.numpy(), predict(model, data).numpy(), data.classes,
+                                                   data.multilabel)
+            results.update({f"{split}_{key}": value for key, value in found.items()})
+    return results
 
 
 def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], name: str
@@ -132,9 +153,10 @@ def loss_figure(history: pd.DataFrame, metric: str, title: str) -> plt.Figure:
 # --------------------------------------------------------------------------- one run
 
 
-def run_key(params: Params, role: str, seed: int, tp: TrainParams, data_fp: str, extra: dict) -> str:
+def run_key(params: Params, role: str, seed: int, tp: TrainParams | None, data_fp: str, extra: dict) -> str:
     """What makes two runs the same run: settings, data, seed, and the teacher behind them."""
-    blob = json.dumps({"role": role, "seed": seed, "train": tp.model_dump(), "features": params.features.model_dump(),
+    blob = json.dumps({"role": role, "seed": seed, "train": tp and tp.model_dump(),
+                       "features": params.features.model_dump(),
                        "augment": params.augment.model_dump(), "student": params.student.model_dump(),
                        "teacher": params.teacher.model_dump(), "data": data_fp, **extra}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -151,6 +173,7 @@ class RunJob:
     tags: dict[str, str] = field(default_factory=dict)
     teacher: Classifier | None = None           # consistent distillation: the teacher sees every batch
     teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
+    kd: tuple[float, float] | None = None       # (temperature, alpha) to distil; None: labels only
 
 
 def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
@@ -159,14 +182,14 @@ def train_and_log(params: Params, role: str, name: str, model: Classifier, sets:
                   tags: dict[str, str] | None = None, params_file: str | Path | None = None,
                   progress: bool = True) -> tuple[Classifier, pd.Series]:
     """Train (or resume, or reuse) one model in this process, evaluate it, log it; return it and its MLflow row."""
-    job = RunJob(role, name, model, seed, tags or {}, teacher, teacher_logits)
-    [row] = train_many(params, [job], sets, tp=tp, kd=kd, params_file=params_file, workers=1, progress=progress)
+    job = RunJob(role, name, model, seed, tags or {}, teacher, teacher_logits, kd)
+    [row] = train_many(params, [job], sets, tp=tp, params_file=params_file, workers=1, progress=progress)
     return job.model, row
 
 
 def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], *, tp: TrainParams,
-               kd: tuple[float, float] | None = None, params_file: str | Path | None = None,
-               workers: int | None = None, progress: bool = True) -> list[pd.Series]:
+               params_file: str | Path | None = None, workers: int | None = None,
+               progress: bool = True) -> list[pd.Series]:
     """Train several runs (seeds, variants) side by side, then evaluate and log each; return their MLflow rows.
 
     Training is what costs, and runs are independent: they go to `workers` processes (default:
@@ -185,12 +208,12 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
     results = {}
     if workers <= 1:
         for job in todo:
-            results[job.name] = _fit_job(params, job, sets["train"], sets["val"], tp, kd, progress)
+            results[job.name] = _fit_job(params, job, sets["train"], sets["val"], tp, progress)
     else:
         # spawn, not fork: a forked copy of a process that already ran torch threads can deadlock.
         print(f"training {len(todo)} runs in {workers} processes of {params.threads} thread(s) each")
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, sets, tp, kd)): job for job in todo}
+            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, sets, tp)): job for job in todo}
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 job, result = futures[future], future.result()
                 results[job.name] = result
@@ -201,7 +224,7 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
             job.model.load_state_dict(torch.load(fitted, weights_only=True))
             job.model.eval()
     for job in todo:
-        rows[job.name] = _log_run(params, job, sets, tp, results[job.name], params_file)
+        rows[job.name] = _log_run(params, job, sets, results[job.name], params_file)
         (_run_dir(params, job) / "fitted.pt").unlink(missing_ok=True)
     return [rows[job.name] for job in jobs]
 
@@ -220,11 +243,12 @@ def _job_tags(job: RunJob) -> dict[str, str]:
     return {"seed": str(job.seed), **job.tags}
 
 
-def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> pd.Series | None:
+def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams | None
+                      ) -> pd.Series | None:
     """The MLflow row of a finished run with the same settings (its weights loaded), else None after
     clearing a run folder whose settings changed."""
     run_dir = _run_dir(params, job)
-    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), _job_tags(job))
+    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": job.kd})
     done_file, checkpoint = run_dir / "done.json", run_dir / "model.pt"
     if done_file.is_file() and checkpoint.is_file():
         done = json.loads(done_file.read_text())
@@ -243,17 +267,16 @@ def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], 
 
 
 def _fit_job(params: Params, job: RunJob, train: FeatureSet, val: FeatureSet, tp: TrainParams,
-             kd: tuple[float, float] | None, progress: bool) -> FitResult:
+             progress: bool) -> FitResult:
     return fit(job.model, train, val, tp, params, job.seed, _run_dir(params, job), teacher=job.teacher,
-               teacher_logits=job.teacher_logits, kd=kd, progress=progress)
+               teacher_logits=job.teacher_logits, kd=job.kd, progress=progress)
 
 
-def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams,
-                    kd: tuple[float, float] | None) -> bytes:
+def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> bytes:
     # torch.save rather than the pool's own pickling: tensors then travel inside the bytes, not through
     # /dev/shm (64 MB in a default Docker container). Feature sets travel as their cache file's path.
     buffer = io.BytesIO()
-    torch.save({"params": params, "job": job, "train": sets["train"], "val": sets["val"], "tp": tp, "kd": kd}, buffer)
+    torch.save({"params": params, "job": job, "train": sets["train"], "val": sets["val"], "tp": tp}, buffer)
     return buffer.getvalue()
 
 
@@ -262,34 +285,46 @@ def _fit_in_worker(payload: bytes) -> FitResult:
     work = torch.load(io.BytesIO(payload), weights_only=False)  # made a moment ago by our own parent process
     params, job = work["params"], work["job"]
     torch.set_num_threads(params.threads)
-    result = _fit_job(params, job, work["train"], work["val"], work["tp"], work["kd"], progress=False)
+    result = _fit_job(params, job, work["train"], work["val"], work["tp"], progress=False)
     with atomic_path(_run_dir(params, job) / "fitted.pt") as tmp:
         torch.save(job.model.state_dict(), tmp)
     return result
 
 
-def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams, result: FitResult,
+def log_model(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
+              tags: dict[str, str] | None = None, params_file: str | Path | None = None) -> pd.Series:
+    """Evaluate and log a model made without training (a pruned copy): the same measures as every run.
+
+    Logged again only when the model's weights or the data changed; otherwise its MLflow row is reused.
+    """
+    weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
+    job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]})
+    row = _reuse_or_prepare(params, job, sets, None)
+    return row if row is not None else _log_run(params, job, sets, None, params_file)
+
+
+def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: FitResult | None,
              params_file: str | Path | None) -> pd.Series:
-    """Evaluate a trained job, save its checkpoint and figures, and log all of it as one MLflow run."""
+    """Evaluate a job's model, save its checkpoint and figures, and log all of it as one MLflow run."""
     run_dir, model = _run_dir(params, job), job.model
     checkpoint = run_dir / "model.pt"
     tags = {"model": job.name, "teacher": "none (labels only)",
             "dataset_fingerprint": sets["train"].data_fingerprint, **_job_tags(job)}
     with tracking.start_run(params, job.role, job.name, tags, params_file) as run:
-        for row in result.history.to_dict("records"):
-            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
         save_checkpoint(model, checkpoint, role=job.role, seed=job.seed, run_id=run.info.run_id)
-        fig = loss_figure(result.history, result.metric, job.name)
-        curves = plots.save_fig(fig, params, f"{job.name}_loss")
-        plt.close(fig)
         results, artifacts = evaluate(params, model, sets, job.name)
+        if result is not None:
+            for row in result.history.to_dict("records"):
+                tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+            fig = loss_figure(result.history, result.metric, job.name)
+            artifacts.append(plots.save_fig(fig, params, f"{job.name}_loss"))
+            plt.close(fig)
+            results.update({"best_epoch": result.best_epoch, f"val_{result.metric}": result.best_score,
+                            "epochs_run": len(result.history),
+                            "train_seconds": float(result.history["seconds"].sum())})
         example = sets["val"].features[:1]
-        cx = measure(params, model, checkpoint, example)
-        tracking.log_final({**results, **{k: float(v) for k, v in asdict(cx).items()},
-                            "best_epoch": result.best_epoch, f"val_{result.metric}": result.best_score,
-                            "epochs_run": len(result.history), "train_seconds": float(result.history["seconds"].sum()),
-                            "clip_frames": example.shape[-1]})
-        tracking.log_artifacts([checkpoint, curves, *artifacts])
+        tracking.log_final({**results, **measure(params, model, checkpoint, example), "clip_frames": example.shape[-1]})
+        tracking.log_artifacts([checkpoint, *artifacts])
         run_id = run.info.run_id
     key = (run_dir / "key.txt").read_text()
     write_json(run_dir / "done.json", {"key": key, "run_id": run_id})
@@ -350,6 +385,18 @@ TABLE_COLUMNS = {
     "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
     "latency_batch_ms": "latency ms/clip @32",
 }
+
+
+def best_run(params: Params, role: str) -> pd.Series:
+    """Of the newest run of every model of `role`, the one with the best validation score.
+
+    Chosen on validation, never on test or held-out scores, which would then be optimistic.
+    """
+    runs = tracking.runs_frame(params, role).drop_duplicates("model")
+    if runs.empty:
+        tracking.latest_run(params, role)  # raises, naming the notebook that makes this role
+    metric = "val_mAP" if "val_mAP" in runs and runs["val_mAP"].notna().any() else "val_macro_f1"
+    return runs.loc[runs[metric].idxmax()]
 
 
 def results_table(params: Params, roles: list[str] | None = None) -> pd.DataFrame:

@@ -36,6 +36,7 @@ ROLE_NOTEBOOKS = {
     "student-kd": "05_kd",
     "student-pruned": "06_pruning",
     "student-rekd": "07_rekd",
+    "student-finetuned": "07_rekd",
     "separator": "08_separation",
 }
 

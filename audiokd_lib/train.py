@@ -261,6 +261,13 @@ def _schedule(tp: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+def _pruned_weights(model: Classifier) -> list[torch.Tensor]:
+    """The conv and linear weights of an unstructured-pruned model (see prune.py), else none."""
+    if model.spec.get("pruning", {}).get("kind") != "unstructured":
+        return []
+    return [m.weight for m in model.net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
 def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, params: Params, seed: int,
         run_dir: str | Path, *, teacher: Classifier | None = None, teacher_logits: torch.Tensor | None = None,
         kd: tuple[float, float] | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -280,6 +287,8 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
+    # An unstructured-pruned model re-trains with its zeros kept: they are put back after every step.
+    zeros = [(w, w.detach() != 0) for w in _pruned_weights(model)]
     params_list = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params_list, lr=tp.lr, weight_decay=tp.weight_decay)
     steps = math.ceil(len(train) / tp.batch_size)
@@ -338,6 +347,9 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            with torch.no_grad():
+                for weight, mask in zeros:
+                    weight.mul_(mask)
             total += loss.item() * len(idx)
             seen += len(idx)
         val_logits = predict(model, val)

@@ -85,9 +85,9 @@ for mode in params.kd.modes:
                          models.build_student(params, classes, stats, seed=seed), seed,
                          tags={"variant": f"kd-{mode}", "teacher": identity, "kd_mode": mode},
                          teacher=teacher if mode == "consistent" else None,
-                         teacher_logits=soft_labels["train"] if mode == "cached" else None)
+                         teacher_logits=soft_labels["train"] if mode == "cached" else None, kd=kd)
              for seed in params.train.seeds]
-kd_runs = runs.train_many(params, jobs, sets, tp=params.train, kd=kd, params_file=params_file)
+kd_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=params_file)
 
 # %% [markdown]
 # ## The table: teacher, baseline and distilled students

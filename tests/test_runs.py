@@ -108,19 +108,19 @@ def test_runs_trained_in_worker_processes_match_runs_trained_here(smoke_profile,
 
     def jobs(prefix):
         return [runs.RunJob("student-kd", f"{prefix}-seed{seed}", tiny_model(params, seed), seed,
-                            tags={"variant": prefix}, teacher_logits=soft) for seed in (0, 1)]
+                            tags={"variant": prefix}, teacher_logits=soft, kd=(3.0, 0.7)) for seed in (0, 1)]
 
     torch.set_num_threads(params.threads)  # what the workers use
     here, there = jobs("here"), jobs("there")
-    runs.train_many(params, here, sets, tp=tp, kd=(3.0, 0.7), workers=1, progress=False)
-    rows = runs.train_many(params, there, sets, tp=tp, kd=(3.0, 0.7), workers=2, progress=False)
+    runs.train_many(params, here, sets, tp=tp, workers=1, progress=False)
+    rows = runs.train_many(params, there, sets, tp=tp, workers=2, progress=False)
     for a, b, row in zip(here, there, rows):
         for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
             assert torch.allclose(x.float(), y.float(), atol=1e-5), name
         assert row["model"] == b.name and row["test_macro_f1"] >= 0
         assert not (params.output_dir / "models" / b.name / "fitted.pt").exists()
     again = jobs("there")
-    rows_again = runs.train_many(params, again, sets, tp=tp, kd=(3.0, 0.7), workers=2, progress=False)
+    rows_again = runs.train_many(params, again, sets, tp=tp, workers=2, progress=False)
     assert [r.name for r in rows_again] == [r.name for r in rows]  # the same MLflow runs, not new ones
 
 

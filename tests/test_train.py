@@ -112,3 +112,13 @@ def test_checkpoint_rebuilds_the_same_model(tiny, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: not an audiokd checkpoint"):
         models.load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_an_unstructured_pruned_model_keeps_its_zeros_while_it_trains(tiny, tmp_path):
+    from audiokd_lib import prune
+
+    params, classes, stats, data = tiny
+    sparse = prune.prune_unstructured(models.build_student(params, classes, stats, seed=0), 0.6)
+    zeros_before = prune.sparsity(sparse)["weight_sparsity"]
+    fit(sparse, data, data, params.train.model_copy(update={"epochs": 1}), params, 0, tmp_path, progress=False)
+    assert prune.sparsity(sparse)["weight_sparsity"] == pytest.approx(zeros_before)
