@@ -2,6 +2,7 @@
 
   audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
+  audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     classify.add_argument("--profile", help="profile whose newest run of that role to use, e.g. quick")
     classify.add_argument("--top", type=int, default=3, help="classes to show (default: %(default)s)")
     classify.add_argument("--json", action="store_true", help="print one JSON object per file")
+    bench = commands.add_parser("bench", help="measure several models side by side on this machine")
+    bench.add_argument("--models", nargs="+", metavar="MODEL",
+                       help="model.pt checkpoints, or roles with --profile; ratios are to the first "
+                            "(default: teacher student-baseline student-kd)")
+    bench.add_argument("--profile", help="profile whose newest runs the roles name, and whose first test clip "
+                                         "the models read (else synthetic noise), e.g. quick")
+    bench.add_argument("--threads", type=int, default=1, help="CPU threads (default: %(default)s)")
+    bench.add_argument("--batch", type=int, default=32, help="batch of the throughput figures (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=30, help="timed runs per figure (default: %(default)s)")
+    bench.add_argument("--csv", metavar="PATH", help="also write the table to this CSV file")
     args = parser.parse_args(argv)
 
     try:
@@ -38,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             _print_table(args.params)
         elif args.command == "classify":
             return _classify(args)
+        elif args.command == "bench":
+            _bench(args)
     except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
@@ -75,3 +88,15 @@ def _classify(args: argparse.Namespace) -> int:
             continue
         print(json.dumps(prediction.as_dict()) if args.json else prediction.describe())
     return 1 if failed else 0
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """Measure the models, print the comparison, and write it as CSV when asked."""
+    from .bench import DEFAULT_MODELS, bench, describe
+    from .files import write_csv
+
+    table, source = bench(args.models or DEFAULT_MODELS, args.profile, batch=args.batch, threads=args.threads,
+                          repeats=args.repeats)
+    print(describe(table, source))
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, table.assign(input=source))}")

@@ -28,8 +28,10 @@ import copy
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -218,13 +220,17 @@ class Complexity:
     threads: int
 
 
-def _median_ms(model: nn.Module, inputs: torch.Tensor, repeats: int, warmup: int) -> float:
-    """Median wall time of one forward pass, in milliseconds, after `warmup` untimed passes."""
+def median_ms(forward: Callable[[Any], Any], inputs: Any, repeats: int, warmup: int) -> float:
+    """Median wall time of one `forward(inputs)` call, in milliseconds, after `warmup` untimed calls.
+
+    `forward` is a PyTorch module or any other callable (an ONNX Runtime session's run), so that
+    every runtime is timed by the same loop.
+    """
     times = []
     with torch.inference_mode():
         for step in range(warmup + repeats):
             start = time.perf_counter()
-            model(inputs)
+            forward(inputs)
             if step >= warmup:
                 times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
@@ -264,9 +270,9 @@ def complexity(
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        latency = _median_ms(cpu_model, clip, repeats, warmup)
+        latency = median_ms(cpu_model, clip, repeats, warmup)
         batched = clip.repeat(batch, *([1] * (clip.dim() - 1)))
-        latency_batch = _median_ms(cpu_model, batched, repeats, warmup) / batch
+        latency_batch = median_ms(cpu_model, batched, repeats, warmup) / batch
     finally:
         torch.set_num_threads(previous_threads)
     return Complexity(

@@ -93,6 +93,14 @@ def student_net(sp: StudentParams, num_classes: int) -> nn.Module:
     return net
 
 
+PRUNABLE = (nn.Conv2d, nn.Linear)  # the layers whose weights pruning acts on (prune.py)
+
+
+def prunable_layers(model: Classifier) -> list[nn.Module]:
+    """Every convolution and linear layer of the network: what pruning removes weights from."""
+    return [module for module in model.net.modules() if isinstance(module, PRUNABLE)]
+
+
 def build_student(params: Params, classes: list[str], stats: NormStats, multilabel: bool = False,
                   seed: int | None = None) -> Classifier:
     """The student of the profile: log-mel front end, training-split normalisation, MobileNet.

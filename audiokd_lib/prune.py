@@ -31,16 +31,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .models import Classifier
+from .models import PRUNABLE, Classifier, prunable_layers
 from .train import hard_loss
-
-PRUNABLE = (nn.Conv2d, nn.Linear)
-
-
-def _prunable(model: Classifier) -> list[nn.Module]:
-    """The layers whose weights pruning acts on: every convolution and linear layer of the network."""
-    return [module for module in model.net.modules() if isinstance(module, PRUNABLE)]
-
 
 # --------------------------------------------------------------------------- unstructured
 
@@ -52,7 +44,7 @@ def prune_unstructured(model: Classifier, amount: float) -> Classifier:
     mask is made permanent: the copy holds plain tensors with zeros in them, no pruning hooks.
     """
     pruned = copy.deepcopy(model)
-    targets = [(module, "weight") for module in _prunable(pruned)]
+    targets = [(module, "weight") for module in prunable_layers(pruned)]
     torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
     for module, name in targets:
         torch_prune.remove(module, name)
@@ -67,7 +59,7 @@ def sparsity(model: Classifier) -> dict[str, float]:
     so this is a little below `params` even unpruned); `weight_sparsity`: the share of zeros among the
     conv and linear weights, the ones pruning acts on.
     """
-    weights = [module.weight for module in _prunable(model)]
+    weights = [module.weight for module in prunable_layers(model)]
     prunable = sum(w.numel() for w in weights)
     return {
         "params": sum(p.numel() for p in model.parameters()),

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from . import augment, metrics
 from .audio import AudioLoadError, load_clip
 from .files import atomic_path, write_json
-from .models import Classifier
+from .models import Classifier, prunable_layers
 from .params import Params, TrainParams
 
 # --------------------------------------------------------------------------- data
@@ -265,7 +265,7 @@ def _pruned_weights(model: Classifier) -> list[torch.Tensor]:
     """The conv and linear weights of an unstructured-pruned model (see prune.py), else none."""
     if model.spec.get("pruning", {}).get("kind") != "unstructured":
         return []
-    return [m.weight for m in model.net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [layer.weight for layer in prunable_layers(model)]
 
 
 def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, params: Params, seed: int,
