@@ -63,14 +63,23 @@ def final_table(params: Params) -> pd.DataFrame:
     return table
 
 
+COMPACT = ["role", "variant", "seeds", "test acc", "test macro-F1", "heldout macro-F1", "test mAP", "heldout mAP",
+           "±", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
+           "MACs / baseline", "latency ms/clip @32 / baseline"]
+
+
 def save_results(params: Params, table: pd.DataFrame) -> tuple:
-    """Write outputs/<profile>/results.csv and results.md (atomically) and return their paths."""
+    """Write outputs/<profile>/results.csv (every column) and results.md (the columns that fit a page),
+    atomically, and return their paths."""
     csv, md = params.output_dir / "results.csv", params.output_dir / "results.md"
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
+    teachers = ", ".join(t for t in table["teacher"].dropna().unique() if not t.startswith("none"))
+    compact = table[[c for c in COMPACT if c in table]]
     with atomic_path(md) as tmp:
-        tmp.write_text(f"Profile `{params.profile}`; every figure read from {tracking.tracking_uri(params)}.\n\n"
-                       + table.to_markdown(index=False, floatfmt=".3g") + "\n")
+        tmp.write_text(f"Profile `{params.profile}`, teacher: {teachers}. Every figure is read from the MLflow store "
+                       f"`outputs/{params.profile}/mlflow.db`; all columns in `results.csv`.\n\n"
+                       + compact.to_markdown(index=False, floatfmt=".3g") + "\n")
     return csv, md
 
 

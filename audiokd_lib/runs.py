@@ -28,10 +28,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from . import metrics, plots, prune, tracking
+from .export import head_module
 from .files import atomic_path, write_json
 from .models import Classifier, load_checkpoint, save_checkpoint
 from .params import Params, TrainParams
@@ -71,24 +71,13 @@ def file_sha256(path: str | Path) -> str:
 # --------------------------------------------------------------------------- measurement
 
 
-class _Head(nn.Module):
-    """The part of a model that runs on features: what MACs and latency are measured on."""
-
-    def __init__(self, model: Classifier):
-        super().__init__()
-        self.model = model
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.head(features)
-
-
 def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> dict[str, float]:
     """Params, size on disk, MACs and CPU latency for one clip's features (front end excluded).
 
     Next to the dense figures, what only non-zero weights cost: they differ for unstructured-pruned
     models, whose zeros still take dense memory and dense arithmetic (notebook 06).
     """
-    head = _Head(model).eval()
+    head = head_module(model).eval()
     cx = metrics.complexity(head, example[:1], checkpoint, threads=params.threads)
     return {**{k: float(v) for k, v in asdict(cx).items()},
             "nonzero_params": float(prune.sparsity(model)["nonzero_params"]),
