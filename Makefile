@@ -12,7 +12,7 @@ FROM ?=
 export OMP_WAIT_POLICY ?= PASSIVE
 export MPLBACKEND ?= Agg
 
-.PHONY: run test setup notebooks lab clean-outputs
+.PHONY: run test setup notebooks lab clean-outputs readme-results
 
 run: setup
 	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM))
@@ -35,3 +35,8 @@ notebooks: setup
 
 lab: setup
 	$(BIN)/jupyter lab --ip 127.0.0.1 notebooks/
+
+# Copy the quick profile's table and figures (made by `make run`) to where the README embeds them.
+readme-results:
+	mkdir -p outputs/readme
+	cp outputs/quick/results.md outputs/quick/figures/pareto.png outputs/quick/figures/sensitivity.png outputs/readme/
