@@ -3,6 +3,7 @@
   audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
+  audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batch", type=int, default=32, help="batch of the throughput figures (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=30, help="timed runs per figure (default: %(default)s)")
     bench.add_argument("--csv", metavar="PATH", help="also write the table to this CSV file")
+    separate = commands.add_parser("separate", help="separate audio files into stems; keep those of the "
+                                                    "instruments a multi-label classifier hears")
+    separate.add_argument("files", nargs="+", metavar="INPUT", help="audio files (wav, flac, ogg, mp3, ...)")
+    separate.add_argument("--out", required=True, help="output folder: one sub-folder per input, named after it")
+    separate.add_argument("--separator", help="demucs, crnn (the profile's trained CRNN) or a CRNN checkpoint "
+                                              "(default: the profile's separation.separator)")
+    separate.add_argument("--model", help="multi-label instrument classifier: a model.pt, or a role with --profile; "
+                                          "without one, every stem is written")
+    separate.add_argument("--profile", default="quick",
+                          help="profile (name or .yaml) giving the separation settings (default: %(default)s)")
+    separate.add_argument("--threshold", type=float, help="probability at which an instrument counts as heard "
+                                                          "(default: the profile's separation.threshold)")
+    separate.add_argument("--all-stems", action="store_true", help="write every stem; the manifest still says "
+                                                                   "which instruments were heard")
+    separate.add_argument("--overwrite", action="store_true", help="replace existing output folders of these inputs")
     args = parser.parse_args(argv)
 
     try:
@@ -51,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _classify(args)
         elif args.command == "bench":
             _bench(args)
+        elif args.command == "separate":
+            return _separate(args)
     except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
@@ -100,3 +118,65 @@ def _bench(args: argparse.Namespace) -> None:
     print(describe(table, source))
     if args.csv:
         print(f"wrote {write_csv(args.csv, table.assign(input=source))}")
+
+
+def _separate(args: argparse.Namespace) -> int:
+    """Separate each file and write the stems of the instruments heard; bad files are reported, exit status 1."""
+    from pathlib import Path
+
+    from .audio import AudioLoadError, load_audio
+    from .classify import SILENCE_DBFS, classify_file, load_model
+    from .params import load_params
+    from .separate import open_separator, select_stems, separate, write_selection
+
+    params = load_params(args.profile if args.profile.endswith(".yaml") else Path("params") / f"{args.profile}.yaml")
+    sp = params.separation
+    threshold = sp.threshold if args.threshold is None else args.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold must lie between 0 and 1, got {threshold}")
+    tracks = [Path(f).stem for f in args.files]
+    repeated = sorted({t for t in tracks if tracks.count(t) > 1})
+    if repeated:
+        raise ValueError(f"several inputs are named {repeated}: their output folders would collide; "
+                         "rename them or separate them in separate calls")
+    out = Path(args.out)
+    if not args.overwrite:
+        existing = [str(out / t) for t in tracks if (out / t).exists()]
+        if existing:
+            raise ValueError(f"output folders exist already: {existing}; pass --overwrite to replace them "
+                             "or choose another --out")
+    choice = args.separator or sp.separator
+    separator = open_separator(choice, params)
+    classifier = None
+    if args.model:
+        classifier = load_model(args.model, args.profile)
+        if not classifier.spec["multilabel"]:
+            raise ValueError(f"{args.model} is a single-label classifier (one instrument per file); choosing stems "
+                             "needs a multi-label one (several instruments at once), or leave out --model")
+    failed = 0
+    for path, track in zip(args.files, tracks):
+        try:
+            wave = load_audio(path, separator.samplerate, mono=False)
+        except AudioLoadError as err:
+            failed += 1
+            print(f"audiokd: {err}", file=sys.stderr)
+            continue
+        seconds = wave.shape[-1] / separator.samplerate
+        if float(wave.abs().max()) < 10 ** (SILENCE_DBFS / 20):
+            print(f"{path}: silent (peak below {SILENCE_DBFS:g} dBFS), nothing to separate; nothing written")
+            continue
+        separation = separate(separator, wave, separator.samplerate, sp.segment_seconds, sp.overlap,
+                              progress=seconds > 60)
+        scores = None
+        if classifier is not None:
+            prediction = classify_file(classifier, path, top_k=len(classifier.classes))
+            scores = dict(prediction.top)
+        selection = select_stems(scores, threshold, separator.sources, all_stems=args.all_stems)
+        info = {"input": str(Path(path).resolve()), "seconds": round(seconds, 3),
+                "separator": {"choice": choice, "class": type(separator).__name__},
+                "segment_seconds": sp.segment_seconds, "overlap": sp.overlap,
+                "classifier": None if classifier is None else {"model": args.model, "classes": classifier.classes}}
+        folder = write_selection(out, track, separation, selection, info, overwrite=args.overwrite)
+        written = ", ".join(selection.chosen) if selection.chosen else f"no stems (nothing reached {threshold:g})"
+        print(f"{path}: {written} -> {folder}")
+    return 1 if failed else 0

@@ -1,8 +1,9 @@
 """Datasets as one table of clips: path, labels, split, source.
 
-Whatever the origin (notes rendered here, pieces with stems, later the real TinySOL / IRMAS /
-OpenMIC downloads), every later notebook sees the same table, saved under outputs/<profile>/data/.
-Splits are decided here, once:
+Whatever the origin (notes rendered here, pieces with stems, or a real TinySOL / IRMAS / OpenMIC /
+ESC-50 subset downloaded by `datasets`), every later notebook sees the same table, saved under
+outputs/<profile>/data/. Real datasets bring their own splits (see `datasets`); for rendered data
+the splits are decided here, once:
 
 - `train` / `val` / `test` come from the training soundfonts. All dynamics of one instrument's pitch
   land in the same split: a pp and an ff of the same note are near-copies, and letting one into
@@ -22,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import render, synth
+from .datasets import RealData
 from .files import write_csv, write_json
 from .params import DataParams, Params
 
@@ -131,7 +133,7 @@ def split_pieces(table: pd.DataFrame, val_fraction: float, test_fraction: float,
     """Assign train/val/test to whole pieces at random; held-out-soundfont pieces to heldout."""
     rng = np.random.default_rng(seed)
     table, is_heldout = _start_splits(table, heldout)
-    order = rng.permutation(table.index[~is_heldout].to_numpy())
+    order = rng.permutation(table.index[~is_heldout].to_numpy().copy())  # pandas may hand out a read-only view
     n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
     table.loc[order[:n_test], "split"] = "test"
     table.loc[order[n_test:n_test + n_val], "split"] = "val"
@@ -147,15 +149,17 @@ def fingerprint(table: pd.DataFrame) -> str:
 
 
 def _relative(table: pd.DataFrame, root: Path) -> pd.DataFrame:
-    table = table.copy()
+    """Paths inside the profile folder made relative to it; others (the download cache) stay absolute."""
+    table, root = table.copy(), root.resolve()
     for column in ("path", "stems_dir"):
         if column in table:
-            table[column] = [str(Path(p).resolve().relative_to(root.resolve())) for p in table[column]]
+            paths = [Path(p).resolve() for p in table[column]]
+            table[column] = [str(p.relative_to(root) if p.is_relative_to(root) else p) for p in paths]
     return table
 
 
 def save_clip_table(params: Params, table: pd.DataFrame, name: str) -> Path:
-    """Save a clip table under outputs/<profile>/data/, paths relative to the profile folder."""
+    """Save a clip table under outputs/<profile>/data/, paths relative to the profile folder where they lie in it."""
     return write_csv(data_dir(params) / f"{name}.csv", _relative(table, params.output_dir))
 
 
@@ -163,7 +167,9 @@ def load_clip_table(params: Params, name: str = "clips") -> pd.DataFrame:
     """Read a clip table saved by notebook 01 ('clips' for notes, 'pieces' for pieces)."""
     path = data_dir(params) / f"{name}.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no clip table yet; run notebook 01_data for profile {params.profile} first")
+        hint = (" (data.dataset openmic gives only the multi-label table openmic.csv: notebooks 02-07 need a "
+                "single-label dataset)" if params.data.dataset == "openmic" and name == "clips" else "")
+        raise FileNotFoundError(f"{path}: no clip table yet; run notebook 01_data for profile {params.profile} first{hint}")
     table = pd.read_csv(path, keep_default_na=False)
     for column in ("path", "stems_dir"):
         if column in table:
@@ -171,25 +177,44 @@ def load_clip_table(params: Params, name: str = "clips") -> pd.DataFrame:
     return table
 
 
-def build_clip_tables(params: Params, plan: SoundfontPlan) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read what was rendered, split it, save clips.csv / pieces.csv and a manifest; return both."""
+def build_clip_tables(params: Params, plan: SoundfontPlan, real: RealData | None = None
+                      ) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """Save clips.csv (the rendered notes, split here, or `real`'s single-label table), pieces.csv and a manifest.
+
+    A real dataset's multi-label tables are saved under their own names (e.g. openmic.csv). Returns
+    the clips table (None when the real dataset has no single-label table) and the pieces table.
+    """
     dp, heldout = params.data, plan.heldout[0] if plan.heldout else None
-    notes = render.read_tinysol_metadata(data_dir(params) / "notes")
-    notes = split_notes(notes, dp.notes.val_fraction, dp.notes.test_fraction, heldout, params.seed)
+    extra = {} if real is None else {name: t for name, t in real.tables.items() if name != "clips"}
+    if real is None:
+        notes = render.read_tinysol_metadata(data_dir(params) / "notes")
+        notes = split_notes(notes, dp.notes.val_fraction, dp.notes.test_fraction, heldout, params.seed)
+    else:
+        notes = real.tables.get("clips")
     pieces_root = data_dir(params) / "pieces"
     piece_tables = [render.read_pieces(folder) for folder in sorted(pieces_root.glob("*")) if folder.is_dir()]
     pieces = pd.concat(piece_tables, ignore_index=True) if piece_tables else pd.DataFrame(
         columns=["path", "labels", "soundfont", "source", "sample_key", "stems_dir"])
     pieces = split_pieces(pieces, dp.pieces.val_fraction, dp.pieces.test_fraction, heldout, params.seed)
-    save_clip_table(params, notes, "clips")
+    if notes is not None:
+        save_clip_table(params, notes, "clips")
+    else:  # a clips.csv of an earlier run would be trained on by mistake
+        (data_dir(params) / "clips.csv").unlink(missing_ok=True)
+    for name, table in extra.items():
+        save_clip_table(params, table, name)
     save_clip_table(params, pieces, "pieces")
     write_json(data_dir(params) / "manifest.json", {
         "profile": params.profile,
+        "dataset": dp.dataset,
+        "download": None if real is None else {key: real.manifest[key] for key in (
+            "title", "licence", "record", "request", "classes", "archives", "fetched_bytes", "too_long")},
+        "tables": {name: {"rows": len(t), "fingerprint": fingerprint(t) if len(t) else None,
+                          "splits": t["split"].value_counts().to_dict()} for name, t in extra.items()},
         "train_soundfonts": {name: str(path) for name, path in plan.train.items()},
         "heldout_soundfont": heldout,
         "notices": plan.notices,
-        "clips": {"rows": len(notes), "fingerprint": fingerprint(notes),
-                  "splits": notes["split"].value_counts().to_dict()},
+        "clips": None if notes is None else {"rows": len(notes), "fingerprint": fingerprint(notes),
+                                             "splits": notes["split"].value_counts().to_dict()},
         "pieces": {"rows": len(pieces), "fingerprint": fingerprint(pieces) if len(pieces) else None,
                    "splits": pieces["split"].value_counts().to_dict()},
     })

@@ -124,6 +124,25 @@ def classification_metrics(
     return result
 
 
+def masked_multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, known: np.ndarray,
+                              classes: list[str]) -> dict[str, float]:
+    """mAP and micro-F1 of a multi-label model counting only the known (clip, class) answers (OpenMIC).
+
+    `known` is a boolean (N, C) mask (datasets.multilabel_targets): each class's average precision
+    ranks only the clips whose answer for that class is known, and micro-F1 pools only known pairs.
+    """
+    y_true, scores = _check(y_true, scores, classes, multilabel=True)
+    known = np.asarray(known, dtype=bool)
+    if known.shape != y_true.shape:
+        raise ValueError(f"known must have the shape of y_true {y_true.shape}, got {known.shape}")
+    precisions = [
+        average_precision_score(y_true[known[:, c], c], scores[known[:, c], c])
+        for c in range(len(classes)) if y_true[known[:, c], c].any()  # AP needs a known positive
+    ]
+    micro = f1_score(y_true[known], _predictions(scores, multilabel=True)[known], zero_division=0)
+    return {"mAP": float(np.mean(precisions)) if precisions else float("nan"), "micro_f1": float(micro)}
+
+
 def per_class_report(y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool) -> pd.DataFrame:
     """Precision, recall, F1 and support of every class, one row per class (index: class names)."""
     y_true, scores = _check(y_true, scores, classes, multilabel)

@@ -51,8 +51,33 @@ class PiecesParams(_Section):
     test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
 
 
+class SubsetParams(_Section):
+    """Which part of a real dataset to download: classes, clips per class, longest clip."""
+
+    classes: list[str] | Literal["all"] = "all"  # the dataset's own class names or codes
+    files_per_class: int | None = Field(None, ge=1, description="null: every clip of each class")
+    max_seconds: float | None = Field(None, gt=0.0, description="longer clips are left out; null: no limit")
+
+
+class IrmasSubsetParams(SubsetParams):
+    testing_files: int = Field(50, ge=0, description="multi-label testing excerpts, besides the training clips")
+
+
+class DownloadParams(_Section):
+    """Real datasets: where they are cached, how many bytes may be fetched, and which subsets."""
+
+    cache_dir: str | None = None  # null: $AUDIOKD_CACHE/datasets, else ~/.cache/audiokd/datasets
+    budget_bytes: int = Field(1_000_000_000, ge=0, description="all downloads into the cache together")
+    base_url: str | None = None  # a mirror with the official paths (tests: a loopback server)
+    tinysol: SubsetParams = SubsetParams()
+    irmas: IrmasSubsetParams = IrmasSubsetParams(files_per_class=50)
+    openmic: SubsetParams = SubsetParams(files_per_class=25)
+    esc50: SubsetParams = SubsetParams(files_per_class=10)
+
+
 class DataParams(_Section):
-    dataset: Literal["rendered_notes"] = "rendered_notes"  # the clip table notebooks 02-07 use
+    # The clips notebooks 02-07 learn from: the rendered notes, or a real dataset downloaded by notebook 01.
+    dataset: Literal["rendered_notes", "tinysol", "irmas", "openmic", "esc50"] = "rendered_notes"
     sample_rate: int = Field(32000, ge=8000, description="rendering rate of the single notes")
     synth: Literal["auto", "fluidsynth", "tinysoundfont"] = "auto"
     train_soundfonts: list[str] = ["FluidR3_GM"]
@@ -62,6 +87,7 @@ class DataParams(_Section):
     allow_fallback_soundfont: bool = True
     notes: NotesParams = NotesParams()
     pieces: PiecesParams = PiecesParams()
+    downloads: DownloadParams = DownloadParams()
 
 
 class FeatureParams(_Section):
@@ -214,6 +240,49 @@ class PruneParams(_Section):
         return self
 
 
+class CRNNParams(_Section):
+    """The mask CRNN separator trained on the rendered pieces (notebook 08)."""
+
+    n_fft: int = Field(1024, ge=16, description="STFT size; n_fft // 2 must halve len(channels) times")
+    hop: int = Field(256, ge=1)
+    channels: list[int] = Field([16, 32, 64, 64], min_length=1, description="encoder widths, one per block")
+    hidden: int = Field(128, ge=1, description="GRU units per direction")
+    epochs: int = Field(30, ge=1)
+    time_budget_s: float | None = Field(600.0, gt=0.0, description="training stops after this; null: no limit")
+    patience: int = Field(4, ge=1, description="epochs without a lower validation loss before stopping")
+    steps_per_epoch: int | None = Field(None, ge=1, description="steps between validations; null: one pass "
+                                        "over the training audio")
+    batch_size: int = Field(8, ge=1)
+    crop_seconds: float = Field(3.0, gt=0.0, description="length of each remixed training example")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, constant")
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CRNNParams:
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        if (self.n_fft // 2) % 2 ** len(self.channels):
+            raise ValueError(f"n_fft // 2 ({self.n_fft // 2}) must be divisible by 2 ** len(channels) "
+                             f"({2 ** len(self.channels)}): each encoder block halves the frequency axis")
+        return self
+
+
+class SeparationParams(_Section):
+    """Separating stems and keeping those of the instruments the classifier hears (notebook 08)."""
+
+    separator: Literal["crnn", "demucs"] = "crnn"
+    demucs_name: str = "htdemucs"  # htdemucs: 4 stems; htdemucs_6s adds guitar and piano
+    demucs_repo: str | None = None  # a folder of Demucs weights; null: the official download
+    segment_seconds: float | None = Field(None, gt=0.0, description="null: the model's own (HTDemucs: 7.8 s)")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="share of each segment cross-faded with the next")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="probability at which an instrument counts as heard")
+    eval_pieces: int | None = Field(None, ge=1, description="pieces of each of test and heldout scored by SDR; "
+                                    "null: all")
+    crnn: CRNNParams = CRNNParams()
+    # The multi-label instrument detector: the student, trained on the pieces, distilled from mn04 zero-shot.
+    detector: TrainParams = TrainParams(epochs=20, crop_seconds=3.0, seeds=[0])
+
+
 class Params(_Section):
     profile: str
     seed: int = 0
@@ -232,6 +301,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     kd: KDParams = KDParams()
     prune: PruneParams = PruneParams()
+    separation: SeparationParams = SeparationParams()
 
     @property
     def output_dir(self) -> Path:

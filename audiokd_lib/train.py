@@ -87,8 +87,17 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
     `key` names the front end (e.g. a features fingerprint); the data fingerprint is part of the file
     name too, so a changed dataset or front end never meets an old cache. Unreadable clips are
     skipped, listed in the result and warned about, never fatal.
+
+    Targets: class indices from a `label` column (one class per clip), or multi-hot float rows from a
+    `labels` column of '|'-joined class names (the pieces, several instruments at once), where every
+    class not listed is a negative.
     """
     from .data import fingerprint
+    from .datasets import multilabel_targets
+
+    if "label" not in table and "labels_unknown" in table and (table["labels_unknown"].astype(str) != "").any():
+        raise ValueError("this table leaves some (clip, class) answers unknown (labels_unknown, as OpenMIC does), "
+                         "which a FeatureSet would count as negatives; train on a fully labelled table")
 
     rows, data_fp = table[table["split"] == split], fingerprint(table)
     path = params.output_dir / "features" / "cache" / f"{split}-{key}-{data_fp}.pt"
@@ -111,9 +120,12 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
         saved = {"features": torch.cat(feats), "paths": kept, "skipped": skipped}
         with atomic_path(path) as tmp:
             torch.save(saved, tmp)
-    labels = rows.set_index("path").loc[saved["paths"], "label"]
-    index = {name: i for i, name in enumerate(classes)}
-    targets = torch.tensor([index[label] for label in labels])
+    kept_rows = rows.set_index("path").loc[saved["paths"]]
+    if "label" in kept_rows:
+        index = {name: i for i, name in enumerate(classes)}
+        targets = torch.tensor([index[label] for label in kept_rows["label"]])
+    else:
+        targets = torch.from_numpy(multilabel_targets(kept_rows, classes)[0])
     for err in saved["skipped"]:
         print(f"skipped unreadable clip: {err}")
     return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
@@ -129,6 +141,17 @@ def hard_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, lab
     if multilabel:
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE averaged over the (clip, class) pairs whose answer is known.
+
+    OpenMIC leaves most pairs unanswered (datasets.multilabel_targets gives the `known` mask): an
+    unknown pair is neither a positive nor a negative, so it adds no loss and no gradient.
+    """
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    known = known.to(losses.dtype)
+    return (losses * known).sum() / known.sum().clamp_min(1.0)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,

@@ -13,17 +13,14 @@ the server allows it (an HTTP Range request) and starts over where it does not.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-CHUNK = 1 << 20  # bytes read at a time, for hashing and downloading
+from .download import ChecksumError, DownloadError, file_digest
+from .download import download as download_file
 
 
 @dataclass(frozen=True)
@@ -97,11 +94,7 @@ def search_dirs(weights_dir: str | Path | None = None) -> list[Path]:
 
 def sha256_of(path: str | Path) -> str:
     """The SHA-256 hash of a file as lowercase hex, read in chunks so the file never has to fit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 def _check_local(path: Path, wf: WeightsFile) -> Path:
@@ -116,52 +109,14 @@ def _check_local(path: Path, wf: WeightsFile) -> Path:
     return path
 
 
-def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPResponse, bool]:
-    """Open `url`, asking for the bytes from `offset` on; say whether the server resumed (206)."""
-    if offset:
-        try:
-            response = urllib.request.urlopen(
-                urllib.request.Request(url, headers={"Range": f"bytes={offset}-"}), timeout=timeout
-            )
-        except urllib.error.HTTPError as err:
-            if err.code != 416:  # 416: the range cannot be served (e.g. the .part is too long): start over
-                raise
-        else:
-            if response.status == 206:
-                return response, True
-            return response, False  # the server ignored the range and sends the whole file
-    return urllib.request.urlopen(url, timeout=timeout), False
-
-
 def _download(wf: WeightsFile, progress: bool, timeout: float) -> Path:
-    """Download `wf` into the cache through a .part file, check its hash, rename it into place."""
-    target = cache_dir() / wf.name
-    part = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    offset = part.stat().st_size if part.is_file() else 0
-    response, resumed = _open(wf.url, offset, timeout)
-    with response:
-        offset = offset if resumed else 0
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length else None
-        with (
-            open(part, "ab" if resumed else "wb") as out,
-            tqdm(total=total, initial=offset, unit="B", unit_scale=True, desc=wf.name,
-                 disable=not progress) as bar,
-        ):
-            while chunk := response.read(CHUNK):
-                out.write(chunk)
-                bar.update(len(chunk))
-    got = sha256_of(part)
-    if got != wf.sha256:
-        part.unlink()
+    """Download `wf` into the cache (resumable, through a .part file) and check its hash."""
+    try:
+        return download_file(wf.url, cache_dir() / wf.name, sha256=wf.sha256, progress=progress, timeout=timeout)
+    except ChecksumError as err:
         raise ValueError(
-            f"downloaded {wf.url} but its SHA-256 is {got}, expected {wf.sha256}; the download was deleted. "
-            "Try again; if it repeats, the file at that URL has changed: get the expected version from "
-            f"{wf.source} and put it in a folder named by AUDIOKD_WEIGHTS."
-        )
-    os.replace(part, target)  # atomic: the finished file appears whole or not at all
-    return target
+            f"{err} Get the expected version from {wf.source} and put it in a folder named by AUDIOKD_WEIGHTS."
+        ) from None
 
 
 def fetch(wf: WeightsFile, weights_dir: str | Path | None = None, download: bool = True,
@@ -175,6 +130,7 @@ def fetch(wf: WeightsFile, weights_dir: str | Path | None = None, download: bool
         raise WeightsNotFound(wf, folders, "not attempted, downloading is disabled (download=False)")
     try:
         return _download(wf, progress, timeout)
-    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError,
+            DownloadError) as err:
         reason = f"failed ({err}); any part already downloaded is kept in the cache and resumed next time"
         raise WeightsNotFound(wf, folders, reason) from err

@@ -25,6 +25,10 @@
 # shift**. We render the training data with one soundfont and keep another soundfont's timbres for a
 # `heldout` split that no model trains on: it tells us whether a model learnt *instruments* or just
 # *one sample library*.
+#
+# With `data.dataset` set to a real dataset (the `full` profile uses TinySOL), the notes come from
+# real recordings instead, downloaded once as a subset within a byte budget; the pieces are rendered
+# as before.
 
 # %% tags=["parameters"]
 params_file = "params/quick.yaml"
@@ -38,7 +42,7 @@ import pandas as pd
 import soundfile as sf
 from IPython.display import display
 
-from audiokd_lib import data, plots
+from audiokd_lib import data, datasets, plots
 from audiokd_lib.audio import load_audio
 from audiokd_lib.params import load_params
 
@@ -60,38 +64,67 @@ for notice in plan.notices:
     print("NOTE:", notice)
 
 # %% [markdown]
+# ## Real recordings (when the profile asks for them)
+#
+# | `data.dataset` | what it is | licence | table(s) |
+# |---|---|---|---|
+# | `tinysol` | 2,913 single notes of 14 orchestral instruments (Zenodo 3685367) | CC BY 4.0 | `clips`, single-label |
+# | `irmas` | 3 s excerpts with their predominant instrument, 11 classes (Zenodo 1290750) | CC BY-NC-SA 3.0 | `clips`, single-label; `irmas_testing`, multi-label |
+# | `openmic` | 10 s clips, 20 instruments, partly labelled (Zenodo 1432913) | CC BY 4.0 | `openmic`, multi-label |
+# | `esc50` | 5 s environmental sounds, 50 classes (a backup for debugging the pipeline) | CC BY-NC 3.0 | `clips`, single-label |
+#
+# Only a **subset** is fetched (`data.downloads.<dataset>`: classes, files per class, longest clip),
+# and never more than `data.downloads.budget_bytes` in total (1 GB): a download that would pass it is
+# refused before it starts. Zip archives are read by HTTP range requests, member by member; a
+# .tar.gz is streamed and the stream stops once every class has its clips. Whole files are checked
+# against their md5, zip members against their CRC-32; `manifest.json` in the cache records what was
+# taken. A second run finds everything in the cache and downloads nothing.
+
+# %%
+real = None
+if params.data.dataset != "rendered_notes":
+    real = datasets.prepare(params)
+    print(real.summary())
+    for name, table in real.tables.items():
+        label = "label" if "label" in table else "labels"
+        print(f"\n{name}: {len(table)} clips\n", pd.crosstab(table[label], table["split"], margins=True))
+    first = next(iter(real.tables.values())).iloc[0]
+    print("\nlisten:", first["path"])
+    display(plots.player(load_audio(first["path"], params.data.sample_rate), params.data.sample_rate))
+
+# %% [markdown]
 # ## Single notes
 #
-# Each note is held for three quarters of the clip and then released, written as a 16-bit FLAC in
+# Skipped when a real dataset replaces them. Each note is held for three quarters of the clip and then released, written as a 16-bit FLAC in
 # TinySOL's folder layout with a metadata CSV in TinySOL's own columns, so the same loader reads the
 # real dataset. Some soundfonts have no sample for some keys (FluidR3's contrabass above MIDI 57):
 # such renders are silent, detected, and dropped. Rendering resumes: a second run only renders what
 # is missing.
 
 # %%
-notes_report = data.render_notes_dataset(params, plan)
-print(notes_report.summary())
-
-# %%
-notes_meta = notes_report.metadata
-counts = notes_meta.pivot_table(index="Instrument (in full)", columns="Soundfont", values="Path", aggfunc="count")
-fig, ax = plt.subplots(figsize=(9, 4))
-counts.plot.barh(ax=ax)
-ax.set(xlabel="notes", ylabel="", title="Rendered notes per instrument and soundfont")
-plots.save_fig(fig, params, "01_notes_per_instrument")
-plt.show()
+notes_report = data.render_notes_dataset(params, plan) if real is None else None
+if notes_report is not None:
+    print(notes_report.summary())
+    notes_meta = notes_report.metadata
+    counts = notes_meta.pivot_table(index="Instrument (in full)", columns="Soundfont", values="Path", aggfunc="count")
+    fig, ax = plt.subplots(figsize=(9, 4))
+    counts.plot.barh(ax=ax)
+    ax.set(xlabel="notes", ylabel="", title="Rendered notes per instrument and soundfont")
+    plots.save_fig(fig, params, "01_notes_per_instrument")
+    plt.show()
 
 # %% [markdown]
 # Listen to one instrument at the three dynamics. Dynamics change loudness *and* timbre (a soundfont
 # may switch samples with velocity): a classifier must not mistake loud for brass.
 
 # %%
-flute = notes_meta[notes_meta["Instrument (abbr.)"] == "Fl"]
-example = flute[flute["Pitch ID"] == flute["Pitch ID"].iloc[len(flute) // 2]]
-for _, row in example.iterrows():
-    wave = load_audio(notes_report.root / row["Path"], mono=True)
-    print(row["Instrument (in full)"], row["Pitch"], row["Dynamics"], row["Soundfont"])
-    display(plots.player(wave, params.data.sample_rate))
+if notes_report is not None:
+    flute = notes_meta[notes_meta["Instrument (abbr.)"] == "Fl"]
+    example = flute[flute["Pitch ID"] == flute["Pitch ID"].iloc[len(flute) // 2]]
+    for _, row in example.iterrows():
+        wave = load_audio(notes_report.root / row["Path"], mono=True)
+        print(row["Instrument (in full)"], row["Pitch"], row["Dynamics"], row["Soundfont"])
+        display(plots.player(wave, params.data.sample_rate))
 
 # %% [markdown]
 # ## Pieces with stems
@@ -123,20 +156,27 @@ if piece_reports:
 # %% [markdown]
 # ## The clip tables and their splits
 #
-# `train`, `val` and `test` come from the training soundfonts; all dynamics of one instrument's
-# pitch stay in the same split, because a pp and an ff of the same note are near-copies. `heldout`
-# holds every clip of the held-out soundfont.
+# For rendered notes, `train`, `val` and `test` come from the training soundfonts; all dynamics of
+# one instrument's pitch stay in the same split, because a pp and an ff of the same note are
+# near-copies. `heldout` holds every clip of the held-out soundfont. A real dataset keeps its own
+# official splits (TinySOL's folds, say); see `audiokd_lib/datasets.py` for how each is mapped.
 
 # %%
-clips, pieces = data.build_clip_tables(params, plan)
-print(pd.crosstab(clips["label"], clips["split"], margins=True))
+clips, pieces = data.build_clip_tables(params, plan, real)
+if clips is not None:
+    print(pd.crosstab(clips["label"], clips["split"], margins=True))
 print(pieces["split"].value_counts())
 
 # %%
 # What must hold before moving on.
-train_test = clips[clips["split"].isin(["train", "test"])]
-leaks = train_test.groupby(["label", "pitch_id"])["split"].nunique().max()
-assert leaks == 1, "a pitch of an instrument appears in both train and test"
-assert set(clips.loc[clips["split"] == "heldout", "soundfont"]) <= {plan.heldout[0] if plan.heldout else None}
-assert clips["label"].nunique() == len(clips.loc[clips["split"] == "train", "label"].unique()), "a class has no training clips"
+if real is None:
+    train_test = clips[clips["split"].isin(["train", "test"])]
+    leaks = train_test.groupby(["label", "pitch_id"])["split"].nunique().max()
+    assert leaks == 1, "a pitch of an instrument appears in both train and test"
+    assert set(clips.loc[clips["split"] == "heldout", "soundfont"]) <= {plan.heldout[0] if plan.heldout else None}
+if clips is not None:
+    assert clips["label"].nunique() == clips.loc[clips["split"] == "train", "label"].nunique(), "a class has no training clips"
+    assert all(Path(p).is_file() for p in clips["path"]), "a clip of the table is missing on disk"
+else:
+    print("NOTE: no single-label table (clips.csv): notebooks 02-07 need data.dataset rendered_notes, tinysol, irmas or esc50")
 print("clip tables saved:", data.data_dir(params))

@@ -1,8 +1,11 @@
-"""Shared fixtures: a profile whose outputs go to a temporary folder."""
+"""Shared fixtures: a profile whose outputs go to a temporary folder, and a loopback HTTP server."""
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -25,3 +28,71 @@ def write_profile(folder: Path, text: str, name: str = "profile") -> Path:
 def smoke_profile(tmp_path: Path) -> Path:
     """The smoke profile with its outputs redirected into tmp_path."""
     return write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n", "smoke")
+
+
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the server's files, honouring "Range: bytes=a-b", "a-" and "-n" unless told not to."""
+
+    def do_GET(self) -> None:
+        server: FileServer = self.server.owner
+        path = urllib.parse.urlsplit(self.path).path  # Zenodo's "?download=1" changes nothing
+        server.requests.append((path, self.headers.get("Range")))
+        if path not in server.files:
+            self.send_error(404)
+            return
+        body, ask = server.files[path], self.headers.get("Range", "")
+        start, end = 0, len(body) - 1
+        ranged = server.supports_range and ask.startswith("bytes=")
+        if ranged:
+            first, _, last = ask.removeprefix("bytes=").partition("-")
+            start, end = (len(body) - int(last), end) if not first else (int(first), int(last) if last else end)
+            if start >= len(body):
+                self.send_error(416)
+                return
+            end = min(end, len(body) - 1)
+        part = body[start:end + 1]
+        self.send_response(206 if ranged else 200)
+        if ranged:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
+        self.send_header("Content-Length", str(len(part)))
+        self.end_headers()
+        cut = server.cut_after.pop(path, None)  # one-shot: the next request for this file is cut
+        sent = part if cut is None else part[:cut]
+        self.wfile.write(sent)
+        server.sent[path] = server.sent.get(path, 0) + len(sent)
+
+    def log_message(self, *args) -> None:  # keep the test output quiet
+        pass
+
+
+class FileServer:
+    """Files (URL path -> bytes) served on 127.0.0.1 from a thread; `stop()` makes later requests fail.
+
+    It records every request (path, Range header) and the body bytes sent per path; `cut_after[path]
+    = n` closes the next answer for that path after n body bytes, like a dropped connection.
+    """
+
+    def __init__(self, files: dict[str, bytes] | None = None, supports_range: bool = True):
+        self.files = dict(files or {})
+        self.supports_range = supports_range
+        self.requests: list[tuple[str, str | None]] = []
+        self.sent: dict[str, int] = {}
+        self.cut_after: dict[str, int] = {}
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+        self.httpd.owner = self
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    @property
+    def ranges(self) -> list[str | None]:
+        """The Range header of every request, in order (None: none asked)."""
+        return [ask for _, ask in self.requests]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
