@@ -197,20 +197,29 @@ def save_checkpoint(model: Classifier, path: str | Path, **extra: Any) -> Path:
     return Path(path)
 
 
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any]:
+    """The dict an audiokd checkpoint holds ("spec", "state_dict", extras), on the CPU; `what` names it in errors.
+
+    Our own checkpoints hold only tensors, strings, numbers and lists: the safe loader suffices.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved["spec"]
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise ValueError(f"{path}: not an audiokd {what} ({err})") from None
+    return saved
+
+
 def load_checkpoint(path: str | Path) -> Classifier:
     """Rebuild a Classifier saved by :func:`save_checkpoint`, in eval mode, on the CPU.
 
     A channel-pruned model (spec "pruning" of kind "structured") comes back at its pruned widths.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        # Our own checkpoints hold only tensors, strings, numbers and lists: the safe loader suffices.
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        spec = saved["spec"]
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"{path}: not an audiokd checkpoint ({err})") from None
+    saved = read_checkpoint(path)
+    spec = saved["spec"]
     classes = spec["classes"]
     if spec["kind"] == "student":
         sp = StudentParams(arch=spec["arch"], width_mult=spec["width_mult"], bn_momentum=spec["bn_momentum"])

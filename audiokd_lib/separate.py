@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from .audio import load_audio, resample, save_audio
 from .files import atomic_path, project_root, write_json
+from .models import read_checkpoint
 from .params import CRNNParams, Params
 from .render import GROUPS, OPENMIC_CLASSES
 
@@ -155,14 +156,8 @@ def save_crnn(model: MaskCRNN, path: str | Path, **extra: Any) -> Path:
 
 def load_crnn(path: str | Path) -> MaskCRNN:
     """Rebuild a CRNN saved by :func:`save_crnn`, in eval mode, on the CPU (the safe, weights-only loader)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such separator checkpoint")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        spec = saved["spec"]
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ValueError(f"{path}: not an audiokd separator checkpoint ({err})") from None
+    saved = read_checkpoint(path, "separator checkpoint")
+    spec = saved["spec"]
     if spec.get("kind") != "crnn":
         raise ValueError(f"{path}: a {spec.get('kind')!r} checkpoint, not a CRNN separator; "
                          "classifiers go to --model, separators to --separator")
