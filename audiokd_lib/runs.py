@@ -115,11 +115,10 @@ def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], nam
             report.to_csv(tmp)
         artifacts.append(out / f"per_class_{split}.csv")
         title = f"{name}, {split}"
-        for kind, fig in (("confusion", metrics.confusion_figure(y, logits, data.classes, title=title)),
-                          ("pr", metrics.pr_curve_figure(y, logits, data.classes, data.multilabel, title=title))):
-            if kind == "confusion" and data.multilabel:
-                plt.close(fig)
-                continue
+        figures = {"pr": metrics.pr_curve_figure(y, logits, data.classes, data.multilabel, title=title)}
+        if not data.multilabel:  # a confusion matrix needs one true class per clip
+            figures["confusion"] = metrics.confusion_figure(y, logits, data.classes, title=title)
+        for kind, fig in figures.items():
             artifacts.append(plots.save_fig(fig, params, f"{name}_{kind}_{split}"))
             plt.close(fig)
     return results, artifacts

@@ -81,6 +81,83 @@ def audioset_labels(path: str | Path) -> list[str]:
     return [row["display_name"] for row in rows]
 
 
+# OpenMIC-2018's 20 instrument classes were themselves chosen from the AudioSet ontology (Humphrey et
+# al., ISMIR 2018): each has the AudioSet class it was defined from, named here by its display_name in
+# class_labels_indices.csv. An AudioSet tagger can therefore be read as an OpenMIC classifier
+# zero-shot, by keeping only these outputs (:func:`openmic_logits`).
+OPENMIC_TO_AUDIOSET = {
+    "accordion": "Accordion",
+    "banjo": "Banjo",
+    "bass": "Bass guitar",
+    "cello": "Cello",
+    "clarinet": "Clarinet",
+    "cymbals": "Cymbal",
+    "drums": "Drum kit",
+    "flute": "Flute",
+    "guitar": "Guitar",
+    "mallet_percussion": "Marimba, xylophone",
+    "mandolin": "Mandolin",
+    "organ": "Organ",
+    "piano": "Piano",
+    "saxophone": "Saxophone",
+    "synthesizer": "Synthesizer",
+    "trombone": "Trombone",
+    "trumpet": "Trumpet",
+    "ukulele": "Ukulele",
+    "violin": "Violin, fiddle",
+    "voice": "Singing",
+}
+
+
+def openmic_indices(audioset_names: list[str], classes: list[str]) -> list[int]:
+    """The position in an AudioSet tagger's outputs of the AudioSet class behind each OpenMIC class."""
+    unknown = [c for c in classes if c not in OPENMIC_TO_AUDIOSET]
+    if unknown:
+        raise ValueError(f"{unknown} are not OpenMIC-2018 classes; known: {sorted(OPENMIC_TO_AUDIOSET)}")
+    index = {name: i for i, name in enumerate(audioset_names)}
+    missing = [OPENMIC_TO_AUDIOSET[c] for c in classes if OPENMIC_TO_AUDIOSET[c] not in index]
+    if missing:
+        raise ValueError(f"AudioSet classes {missing} are not among the tagger's {len(audioset_names)} outputs: "
+                         "is its label list AudioSet's class_labels_indices.csv?")
+    return [index[OPENMIC_TO_AUDIOSET[c]] for c in classes]
+
+
+def openmic_logits(audioset_logits: torch.Tensor, audioset_names: list[str], classes: list[str]) -> torch.Tensor:
+    """(clips, 527) AudioSet logits -> (clips, len(classes)) logits of those OpenMIC classes, zero-shot.
+
+    Only a selection: each OpenMIC class takes its AudioSet class's logit unchanged, so the sigmoid of
+    the result is the tagger's own probability that the instrument is heard.
+    """
+    return audioset_logits[..., openmic_indices(audioset_names, classes)]
+
+
+def fit_calibration(logits: torch.Tensor, targets: torch.Tensor, decay: float = 0.01
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class Platt scaling: (scale, shift) such that sigmoid(scale * logits + shift) fits `targets`.
+
+    A zero-shot tagger ranks clips well, but its probabilities follow AudioSet's priors and recording
+    conditions, not those of new data: on the rendered pieces mn04 gives almost every instrument that
+    plays less than 0.5. Two numbers per class, fitted by BCE on the multi-hot `targets` (clips, classes)
+    of the training split, move its logits to this data. The scale is kept positive (it is fitted as a
+    logarithm), so no class's ranking of clips changes and neither does mAP. `decay` pulls the log-scale
+    and the shift towards 0, so a class with no positive clip gets a finite shift, not -infinity.
+    """
+    logits, targets = logits.detach().double(), targets.detach().double()
+    log_scale = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(logits.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_scale, shift], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = (nn.functional.binary_cross_entropy_with_logits(log_scale.exp() * logits + shift, targets)
+                 + decay * (log_scale.pow(2).mean() + shift.pow(2).mean()))
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return log_scale.detach().exp().float(), shift.detach().float()
+
+
 def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
     """Give a torchvision MobileNetV2/V3 a fresh last Linear layer with `num_classes` outputs."""
     last = model.classifier[-1]

@@ -38,6 +38,7 @@ ROLE_NOTEBOOKS = {
     "student-rekd": "07_rekd",
     "student-finetuned": "07_rekd",
     "separator": "08_separation",
+    "detector": "08_separation",
 }
 
 BASE_COLUMNS = ["run_id", "run_name", "start_time", "artifact_uri"]

@@ -12,12 +12,16 @@ import torch.nn.functional as F
 import torchaudio
 
 from audiokd_lib.teachers import (
+    OPENMIC_TO_AUDIOSET,
     ASTFrontend,
     audioset_labels,
     convert_efficientat_state_dict,
     efficientat_mobilenet,
+    fit_calibration,
     load_ast,
     load_mn04_audioset,
+    openmic_indices,
+    openmic_logits,
     replace_head,
     set_trainable,
 )
@@ -153,3 +157,38 @@ def test_replace_head_keeps_the_body():
     assert model.classifier[-1].out_features == 14 and model.classifier[-1].in_features == 512
     with torch.no_grad():
         assert model(torch.randn(2, 1, 128, 100)).shape == (2, 14)
+
+
+def test_every_openmic_class_has_its_audioset_output():
+    from audiokd_lib.render import OPENMIC_CLASSES
+
+    labels = audioset_labels(fetch(AUDIOSET_LABELS, weights_dir=weights_dir(), download=False))
+    assert set(OPENMIC_TO_AUDIOSET) == set(OPENMIC_CLASSES)
+    index = openmic_indices(labels, list(OPENMIC_CLASSES))
+    assert [labels[i] for i in index] == [OPENMIC_TO_AUDIOSET[c] for c in OPENMIC_CLASSES]
+    assert len(set(index)) == len(OPENMIC_CLASSES)
+    logits = torch.arange(len(labels), dtype=torch.float32).repeat(3, 1)  # each logit is its own index
+    picked = openmic_logits(logits, labels, ["voice", "bass", "violin"])
+    assert picked.shape == (3, 3)
+    assert picked[0].tolist() == [labels.index("Singing"), labels.index("Bass guitar"), labels.index("Violin, fiddle")]
+    with pytest.raises(ValueError, match="not OpenMIC-2018 classes"):
+        openmic_indices(labels, ["kazoo"])
+    with pytest.raises(ValueError, match="not among the tagger's 100 outputs"):
+        openmic_indices(labels[:100], ["piano"])
+
+
+def test_calibration_moves_the_threshold_and_keeps_the_ranking():
+    from audiokd_lib.metrics import classification_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    targets = (torch.rand(300, 3, generator=gen) < 0.4).float()
+    targets[:, 2] = 0  # a class no clip has
+    logits = 2 * targets + torch.randn(300, 3, generator=gen) - 5  # ranks well, but every sigmoid is below 0.5
+    scale, shift = fit_calibration(logits, targets)
+    calibrated = scale * logits + shift
+    assert (scale > 0).all() and torch.isfinite(shift).all()
+    before = classification_metrics(targets.numpy(), logits.numpy(), ["a", "b", "c"], multilabel=True)
+    after = classification_metrics(targets.numpy(), calibrated.numpy(), ["a", "b", "c"], multilabel=True)
+    assert after["mAP"] == pytest.approx(before["mAP"], abs=1e-6)
+    assert before["micro_f1"] == 0.0 and after["micro_f1"] > 0.6
+    assert (calibrated[:, 2] < 0).all()  # the absent class stays absent

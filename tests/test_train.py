@@ -122,3 +122,32 @@ def test_an_unstructured_pruned_model_keeps_its_zeros_while_it_trains(tiny, tmp_
     zeros_before = prune.sparsity(sparse)["weight_sparsity"]
     fit(sparse, data, data, params.train.model_copy(update={"epochs": 1}), params, 0, tmp_path, progress=False)
     assert prune.sparsity(sparse)["weight_sparsity"] == pytest.approx(zeros_before)
+
+
+def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
+    import numpy as np
+    import pandas as pd
+    import soundfile as sf
+
+    params = load_params(smoke_profile)
+    classes = ["bass", "drums", "piano"]
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"piece{i}.wav"))
+        sf.write(paths[-1], np.random.default_rng(i).normal(0, 0.1, 16000).astype(np.float32), 16000)
+    table = pd.DataFrame({"path": paths, "labels": ["bass|drums", "piano", "drums|piano|bass"], "split": "train"})
+    stats = NormStats(torch.zeros(128), torch.ones(128), 1, [], "f", "d")
+    model = models.build_student(params, classes, stats, multilabel=True)
+    data = train.cached_features(params, table, "train", model, "test-key", classes, progress=False)
+    assert data.multilabel and data.targets.dtype == torch.float32
+    assert data.targets.tolist() == [[1, 1, 0], [0, 0, 1], [1, 1, 1]]
+    again = train.cached_features(params, table, "train", model, "test-key", classes, progress=False)  # the cache
+    assert torch.equal(again.targets, data.targets) and torch.equal(again.features, data.features)
+    # Multi-hot rows go through mixup (as a union), a distillation fit and mAP like class indices do.
+    tp = params.train.model_copy(update={"epochs": 1, "batch_size": 3, "crop_seconds": 0.5})
+    result = fit(model, data, data, tp, params, 0, tmp_path / "run", teacher_logits=torch.randn(3, 3),
+                 kd=(2.0, 0.5), progress=False)
+    assert result.metric == "mAP" and 0.0 <= result.best_score <= 1.0
+    unknown = table.assign(labels_unknown=["", "bass", ""])
+    with pytest.raises(ValueError, match="labels_unknown"):
+        train.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)
