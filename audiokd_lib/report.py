@@ -7,6 +7,8 @@ says how many seeds it holds and how far they spread.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 
@@ -83,10 +85,11 @@ def save_results(params: Params, table: pd.DataFrame) -> tuple:
     return csv, md
 
 
-def pareto_figure(params: Params, table: pd.DataFrame) -> plt.Figure:
+def pareto_figure(params: Params, table: pd.DataFrame) -> Path:
     """Score against MACs (log scale), marker area proportional to the checkpoint size; the front joined.
 
-    A model is on the Pareto front when no other model is both cheaper and better. MACs are the dense
+    Saved as figures/pareto.png; the path is returned. A model is on the Pareto front when no other
+    model is both cheaper and better. MACs are the dense
     count that a CPU executes; unstructured-pruned models therefore sit above their parents, not left.
     """
     score = main_score(table)
@@ -104,11 +107,12 @@ def pareto_figure(params: Params, table: pd.DataFrame) -> plt.Figure:
     ax.set(xscale="log", xlabel="MACs per clip (dense, log scale)", ylabel=score,
            title=f"{params.profile}: score against cost (marker area ~ size MB)")
     ax.legend(fontsize=7, loc="lower right")
-    save_fig(fig, params, "pareto")
-    return fig
+    path = save_fig(fig, params, "pareto")
+    plt.close(fig)
+    return path
 
 
-def sensitivity_figure(params: Params, curves: pd.DataFrame, metric: str = "macro-F1") -> plt.Figure:
+def sensitivity_figure(params: Params, curves: pd.DataFrame, metric: str = "macro-F1") -> Path:
     """Scores of pruned copies before any re-training, against sparsity (unstructured) and channel ratio
     (structured). `curves` has columns kind (unstructured, structured, or none for the unpruned model),
     amount, and "<split> <metric>" for the evaluation splits."""
@@ -123,8 +127,9 @@ def sensitivity_figure(params: Params, curves: pd.DataFrame, metric: str = "macr
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
     axes[0].legend(fontsize=8)
-    save_fig(fig, params, "sensitivity")
-    return fig
+    path = save_fig(fig, params, "sensitivity")
+    plt.close(fig)
+    return path
 
 
 def targets_verdict(params: Params, table: pd.DataFrame) -> str:

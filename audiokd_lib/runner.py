@@ -79,7 +79,6 @@ def run_notebooks(params_file: str | Path, start: str | None = None, notebooks_d
     out_dir.mkdir(parents=True, exist_ok=True)
     # Kernels inherit this: one OpenMP thread pool that waits passively (see DESIGN.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     runs: list[NotebookRun] = []
     log(f"profile {params.profile}: {len(names)} notebook(s) -> {out_dir}")
     for name in names:

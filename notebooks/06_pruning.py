@@ -31,7 +31,7 @@ params_file = "params/quick.yaml"
 # %%
 import pandas as pd
 import torch
-from IPython.display import display
+from IPython.display import Image, display
 
 from audiokd_lib import data, models, prune, report, runs
 from audiokd_lib.params import load_params
@@ -114,7 +114,7 @@ curves = pd.DataFrame([{"kind": kind, "amount": amount, **runs.scores(model, set
                         "non-zero MACs": prune.nonzero_macs(model, example)} for kind, amount, model in settings])
 curves = curves.rename(columns=runs.TABLE_COLUMNS)
 display(curves.round(3))
-display(report.sensitivity_figure(params, curves, "mAP" if student.spec.get("multilabel") else "macro-F1"))
+display(Image(filename=str(report.sensitivity_figure(params, curves, "mAP" if student.spec.get("multilabel") else "macro-F1"))))
 
 # %% [markdown]
 # ## The two pruned students, measured and logged

@@ -90,7 +90,7 @@ display(table.round(3))
 print(f"saved {results_csv} and {results_md}")
 
 # %%
-display(report.pareto_figure(params, table))
+display(Image(filename=str(report.pareto_figure(params, table))))
 
 # %% [markdown]
 # ## What the table says
