@@ -129,9 +129,9 @@ def example_clip(profile: str | None) -> tuple[str | None, str]:
     if profile is None:
         return None, "synthetic noise (no --profile given)"
     from .data import load_clip_table
-    from .params import load_params
+    from .params import profile_params
 
-    params = load_params(Path("params") / f"{profile}.yaml" if not profile.endswith(".yaml") else profile)
+    params = profile_params(profile)
     try:
         table = load_clip_table(params, "clips")
     except FileNotFoundError:

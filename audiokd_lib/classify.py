@@ -48,9 +48,9 @@ def resolve_model(model: str, profile: str | None = None) -> Path:
         raise FileNotFoundError(f"{model}: no such checkpoint file; give a path to a model.pt, or a role name "
                                 "(teacher, student-baseline, student-kd) together with --profile")
     from . import tracking
-    from .params import load_params
+    from .params import profile_params
 
-    params = load_params(Path("params") / f"{profile}.yaml" if not profile.endswith(".yaml") else profile)
+    params = profile_params(profile)
     return tracking.artifact_path(tracking.latest_run(params, model), "model.pt")
 
 

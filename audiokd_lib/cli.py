@@ -126,10 +126,10 @@ def _separate(args: argparse.Namespace) -> int:
 
     from .audio import AudioLoadError, load_audio
     from .classify import SILENCE_DBFS, classify_file, load_model
-    from .params import load_params
+    from .params import profile_params
     from .separate import open_separator, select_stems, separate, write_selection
 
-    params = load_params(args.profile if args.profile.endswith(".yaml") else Path("params") / f"{args.profile}.yaml")
+    params = profile_params(args.profile)
     sp = params.separation
     threshold = sp.threshold if args.threshold is None else args.threshold
     if not 0.0 <= threshold <= 1.0:

@@ -360,6 +360,11 @@ def _explain(err: dict, path: Path) -> str:
     return f"{path}: key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 
+def profile_params(profile: str) -> Params:
+    """A profile as the CLI's --profile names it: `quick` (params/quick.yaml) or a path to a YAML file."""
+    return load_params(profile if profile.endswith(".yaml") else Path("params") / f"{profile}.yaml")
+
+
 def load_params(path: str | Path) -> Params:
     """Read a profile's YAML (following `extends:`) and check every key and value."""
     path = Path(path)
