@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .audio import load_audio
-from .models import Classifier, load_checkpoint
+from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.models.checkpoints import load_checkpoint
+from audiokd_lib.models.classifier import Classifier
 
 SILENCE_DBFS = -70.0  # a window whose peak is below this is treated as silence
 
@@ -47,8 +48,8 @@ def resolve_model(model: str, profile: str | None = None) -> Path:
     if profile is None:
         raise FileNotFoundError(f"{model}: no such checkpoint file; give a path to a model.pt, or a role name "
                                 "(teacher, student-baseline, student-kd) together with --profile")
-    from . import tracking
-    from .params import profile_params
+    from audiokd_lib.experiment import tracking
+    from audiokd_lib.experiment.params import profile_params
 
     params = profile_params(profile)
     return tracking.artifact_path(tracking.latest_run(params, model), "model.pt")

@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from .params import ParamsError
-from .runner import NotebookFailed, run_notebooks
+from audiokd_lib.experiment.params import ParamsError
+from audiokd_lib.experiment.pipeline import NotebookFailed, run_notebooks
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +79,8 @@ def _print_table(params_file: str) -> None:
     """After a run, the table the notebooks built, read back from the profile's MLflow store."""
     import pandas as pd
 
-    from .params import load_params
-    from .runs import results_table
+    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.experiment.runs import results_table
 
     table = results_table(load_params(params_file))
     if len(table):
@@ -90,8 +90,8 @@ def _print_table(params_file: str) -> None:
 
 def _classify(args: argparse.Namespace) -> int:
     """Classify each file; unreadable files are reported and make the exit status 1, silent ones do not."""
-    from .audio import AudioLoadError
-    from .classify import classify_file, load_model
+    from audiokd_lib.audio.loading import AudioLoadError
+    from audiokd_lib.classify import classify_file, load_model
 
     model = load_model(args.model, args.profile)
     failed = 0
@@ -110,8 +110,8 @@ def _classify(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> None:
     """Measure the models, print the comparison, and write it as CSV when asked."""
-    from .bench import DEFAULT_MODELS, bench, describe
-    from .files import write_csv
+    from audiokd_lib.compress.bench import DEFAULT_MODELS, bench, describe
+    from audiokd_lib.files import write_csv
 
     table, source = bench(args.models or DEFAULT_MODELS, args.profile, batch=args.batch, threads=args.threads,
                           repeats=args.repeats)
@@ -124,10 +124,11 @@ def _separate(args: argparse.Namespace) -> int:
     """Separate each file and write the stems of the instruments heard; bad files are reported, exit status 1."""
     from pathlib import Path
 
-    from .audio import AudioLoadError, load_audio
-    from .classify import SILENCE_DBFS, classify_file, load_model
-    from .params import profile_params
-    from .separate import open_separator, select_stems, separate, write_selection
+    from audiokd_lib.audio.loading import AudioLoadError, load_audio
+    from audiokd_lib.classify import SILENCE_DBFS, classify_file, load_model
+    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.separation.separator import open_separator, separate
+    from audiokd_lib.separation.stem_selection import select_stems, write_selection
 
     params = profile_params(args.profile)
     sp = params.separation

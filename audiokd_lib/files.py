@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -52,3 +53,12 @@ def write_csv(path: str | Path, frame) -> Path:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
     return Path(path)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hash of a file as lowercase hex (e.g. "sha256", "md5"), read in chunks so it never has to fit in memory."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

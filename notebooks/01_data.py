@@ -42,9 +42,11 @@ import pandas as pd
 import soundfile as sf
 from IPython.display import display
 
-from audiokd_lib import data, datasets, plots
-from audiokd_lib.audio import load_audio
-from audiokd_lib.params import load_params
+from audiokd_lib import plots
+from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.data import real, tables
+from audiokd_lib.data.pieces import read_pieces
+from audiokd_lib.experiment.params import load_params
 
 params = load_params(params_file)
 print(f"profile {params.profile}: outputs in {params.output_dir}")
@@ -57,7 +59,7 @@ print(f"profile {params.profile}: outputs in {params.output_dir}")
 # `pretty_midi` package) and says so here and in the data manifest, so nothing changes silently.
 
 # %%
-plan = data.plan_soundfonts(params.data)
+plan = tables.plan_soundfonts(params.data)
 print("training soundfonts:", {name: str(path) for name, path in plan.train.items()})
 print("held-out soundfont: ", plan.heldout)
 for notice in plan.notices:
@@ -81,14 +83,14 @@ for notice in plan.notices:
 # taken. A second run finds everything in the cache and downloads nothing.
 
 # %%
-real = None
+real_data = None
 if params.data.dataset != "rendered_notes":
-    real = datasets.prepare(params)
-    print(real.summary())
-    for name, table in real.tables.items():
+    real_data = real.prepare(params)
+    print(real_data.summary())
+    for name, table in real_data.tables.items():
         label = "label" if "label" in table else "labels"
         print(f"\n{name}: {len(table)} clips\n", pd.crosstab(table[label], table["split"], margins=True))
-    first = next(iter(real.tables.values())).iloc[0]
+    first = next(iter(real_data.tables.values())).iloc[0]
     print("\nlisten:", first["path"])
     display(plots.player(load_audio(first["path"], params.data.sample_rate), params.data.sample_rate))
 
@@ -102,7 +104,7 @@ if params.data.dataset != "rendered_notes":
 # is missing.
 
 # %%
-notes_report = data.render_notes_dataset(params, plan) if real is None else None
+notes_report = tables.render_notes_dataset(params, plan) if real_data is None else None
 if notes_report is not None:
     print(notes_report.summary())
     notes_meta = notes_report.metadata
@@ -136,13 +138,13 @@ if notes_report is not None:
 # the stems: ground truth for separation that a single-pass render could not give.
 
 # %%
-piece_reports = data.render_pieces_dataset(params, plan)
+piece_reports = tables.render_pieces_dataset(params, plan)
 for report in piece_reports:
     print(report.summary())
 
 # %%
 if piece_reports:
-    piece = data.render.read_pieces(piece_reports[0].root).iloc[0]
+    piece = read_pieces(piece_reports[0].root).iloc[0]
     mixture, rate = sf.read(piece["path"], dtype="float32")
     stems = {p.stem: sf.read(p, dtype="float32")[0] for p in sorted(Path(piece["stems_dir"]).glob("*.flac"))}
     error = np.abs(sum(stems.values()) - mixture).max()
@@ -162,14 +164,14 @@ if piece_reports:
 # official splits (TinySOL's folds, say); see `audiokd_lib/datasets.py` for how each is mapped.
 
 # %%
-clips, pieces = data.build_clip_tables(params, plan, real)
+clips, pieces = tables.build_clip_tables(params, plan, real_data)
 if clips is not None:
     print(pd.crosstab(clips["label"], clips["split"], margins=True))
 print(pieces["split"].value_counts())
 
 # %%
 # What must hold before moving on.
-if real is None:
+if real_data is None:
     train_test = clips[clips["split"].isin(["train", "test"])]
     leaks = train_test.groupby(["label", "pitch_id"])["split"].nunique().max()
     assert leaks == 1, "a pitch of an instrument appears in both train and test"
@@ -179,4 +181,4 @@ if clips is not None:
     assert all(Path(p).is_file() for p in clips["path"]), "a clip of the table is missing on disk"
 else:
     print("NOTE: no single-label table (clips.csv): notebooks 02-07 need data.dataset rendered_notes, tinysol, irmas or esc50")
-print("clip tables saved:", data.data_dir(params))
+print("clip tables saved:", tables.data_dir(params))

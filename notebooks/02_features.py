@@ -33,15 +33,24 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from audiokd_lib import augment, data, plots
-from audiokd_lib.audio import audio_backend, load_audio, load_clip, resample, save_audio
-from audiokd_lib.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, frames_per_clip, iter_logmels
-from audiokd_lib.params import GainNoiseParams, load_params
+from audiokd_lib import plots
+from audiokd_lib.audio import augment
+from audiokd_lib.audio.features import (
+    LogMel,
+    NormStats,
+    SkippedFiles,
+    compute_norm_stats,
+    frames_per_clip,
+    iter_logmels,
+)
+from audiokd_lib.audio.loading import audio_backend, load_audio, load_clip, resample, save_audio
+from audiokd_lib.data import tables
+from audiokd_lib.experiment.params import GainNoiseParams, load_params
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
 fp = params.features
-clips = data.load_clip_table(params, "clips")
+clips = tables.load_clip_table(params, "clips")
 features_dir = params.output_dir / "features"
 features_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile {params.profile}: {len(clips)} clips; decoding with {audio_backend()}")
@@ -161,7 +170,7 @@ assert torch.allclose(mixed_labels.sum(dim=1), torch.ones(len(batch)))
 
 # %%
 stats_path = features_dir / "norm_stats.json"
-data_fingerprint, features_fingerprint = data.fingerprint(clips), params.fingerprint("features")
+data_fingerprint, features_fingerprint = tables.fingerprint(clips), params.fingerprint("features")
 try:
     stats = NormStats.load(stats_path, features_fingerprint, data_fingerprint)
     print(f"reusing {stats_path}")

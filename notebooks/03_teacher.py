@@ -40,14 +40,18 @@ import pandas as pd
 import torch
 from IPython.display import Image, display
 
-from audiokd_lib import data, models, plots, runs, train
-from audiokd_lib.audio import load_clip
-from audiokd_lib.params import load_params
+from audiokd_lib import plots
+from audiokd_lib.audio.loading import load_clip
+from audiokd_lib.compress import soft_labels
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import teachers
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-clips = data.load_clip_table(params, "clips")
-classes = train.class_names(clips)
+clips = tables.load_clip_table(params, "clips")
+classes = training.class_names(clips)
 print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; teacher kind: {params.teacher.kind}")
 
 # %% [markdown]
@@ -59,7 +63,7 @@ print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; te
 
 # %%
 if params.teacher.kind == "efficientat":
-    audioset = models.pretrained_audioset(params)
+    audioset = teachers.pretrained_audioset(params)
     test_mf = clips[(clips["split"] == "test") & (clips["dynamics"] == "mf")].sort_values("pitch_id")
     examples = test_mf.groupby("label", group_keys=False)[test_mf.columns].apply(lambda g: g.iloc[[len(g) // 2]])
     rows = []
@@ -82,10 +86,10 @@ else:
 # two protect what pretraining learned; with enough, training everything adapts best.
 
 # %%
-teacher = models.build_teacher(params, classes)
+teacher = teachers.build_teacher(params, classes)
 trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
 total = sum(p.numel() for p in teacher.parameters())
-identity = models.teacher_identity(teacher)
+identity = teachers.teacher_identity(teacher)
 print(f"teacher: {identity}\n{total:,} parameters, {trainable:,} trainable (finetune: {params.teacher.finetune})")
 
 # %% [markdown]
@@ -136,8 +140,8 @@ display(Image(filename=str(params.output_dir / "figures" / "teacher_confusion_he
 
 # %%
 checkpoint = params.output_dir / "models" / "teacher" / "model.pt"
-runs.cache_teacher_logits(params, teacher, checkpoint, sets)
-logits, cached_identity = runs.load_teacher_logits(params, sets)
+soft_labels.cache_teacher_logits(params, teacher, checkpoint, sets)
+logits, cached_identity = soft_labels.load_teacher_logits(params, sets)
 assert cached_identity == identity
 
 index = int(np.argmax(sets["val"].targets.numpy() == sets["val"].targets.numpy()[0]))

@@ -27,16 +27,18 @@ params_file = "params/quick.yaml"
 import torch
 from IPython.display import Image, display
 
-from audiokd_lib import data, models, runs, train
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import students
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-clips = data.load_clip_table(params, "clips")
-classes = train.class_names(clips)
+clips = tables.load_clip_table(params, "clips")
+classes = training.class_names(clips)
 stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
-                       data.fingerprint(clips))
+                       tables.fingerprint(clips))
 print(f"profile {params.profile}: {len(classes)} classes; seeds {params.train.seeds}; "
       f"{params.train.epochs} epochs of {params.train.crop_seconds or params.features.clip_seconds} s crops")
 
@@ -51,7 +53,7 @@ print(f"profile {params.profile}: {len(classes)} classes; seeds {params.train.se
 # per-mel-bin statistics notebook 02 measured on the training split.
 
 # %%
-student = models.build_student(params, classes, stats)
+student = students.build_student(params, classes, stats)
 print(f"{params.student.arch}, width {params.student.width_mult}: "
       f"{sum(p.numel() for p in student.parameters()):,} parameters")
 print(student.net.features[0])
@@ -72,7 +74,7 @@ print(student.net.classifier)
 # %%
 sets = runs.feature_sets(params, clips, student)
 jobs = [runs.RunJob("student-baseline", f"student-baseline-seed{seed}",
-                    models.build_student(params, classes, stats, seed=seed), seed, tags={"variant": "baseline"})
+                    students.build_student(params, classes, stats, seed=seed), seed, tags={"variant": "baseline"})
         for seed in params.train.seeds]
 baseline_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=params_file)
 

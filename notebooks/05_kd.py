@@ -40,20 +40,23 @@ params_file = "params/quick.yaml"
 import torch
 from IPython.display import Markdown, display
 
-from audiokd_lib import data, models, runs, train
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.compress import distill, soft_labels
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import checkpoints, students
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-clips = data.load_clip_table(params, "clips")
-classes = train.class_names(clips)
+clips = tables.load_clip_table(params, "clips")
+classes = training.class_names(clips)
 stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
-                       data.fingerprint(clips))
-student = models.build_student(params, classes, stats)
+                       tables.fingerprint(clips))
+student = students.build_student(params, classes, stats)
 sets = runs.feature_sets(params, clips, student)
-teacher = models.load_checkpoint(params.output_dir / "models" / "teacher" / "model.pt")
-soft_labels, identity = runs.load_teacher_logits(params, sets)
+teacher = checkpoints.load_checkpoint(params.output_dir / "models" / "teacher" / "model.pt")
+teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 kd = (params.kd.temperature, params.kd.alpha)
 print(f"teacher: {identity}; T = {kd[0]:g}, alpha = {kd[1]:g}; modes {params.kd.modes}; seeds {params.train.seeds}")
 
@@ -65,8 +68,8 @@ print(f"teacher: {identity}; T = {kd[0]:g}, alpha = {kd[1]:g}; modes {params.kd.
 
 # %%
 z_s, z_t, y = torch.randn(4, len(classes)), torch.randn(4, len(classes)), torch.tensor([0, 1, 2, 3])
-assert torch.isclose(train.distillation_loss(z_s, z_t, y, 3.0, 0.0), torch.nn.functional.cross_entropy(z_s, y))
-assert torch.isclose(train.distillation_loss(z_t, z_t, y, 3.0, 1.0), torch.tensor(0.0), atol=1e-6)
+assert torch.isclose(distill.distillation_loss(z_s, z_t, y, 3.0, 0.0), torch.nn.functional.cross_entropy(z_s, y))
+assert torch.isclose(distill.distillation_loss(z_t, z_t, y, 3.0, 1.0), torch.tensor(0.0), atol=1e-6)
 print("alpha = 0 is cross-entropy; identical logits give a zero soft term")
 
 # %% [markdown]
@@ -80,12 +83,12 @@ print("alpha = 0 is cross-entropy; identical logits give a zero soft term")
 jobs = []
 for mode in params.kd.modes:
     if mode == "consistent":
-        runs.check_shared_frontend(teacher, student)
+        distill.check_shared_frontend(teacher, student)
     jobs += [runs.RunJob("student-kd", f"student-kd-{mode}-seed{seed}",
-                         models.build_student(params, classes, stats, seed=seed), seed,
+                         students.build_student(params, classes, stats, seed=seed), seed,
                          tags={"variant": f"kd-{mode}", "teacher": identity, "kd_mode": mode},
                          teacher=teacher if mode == "consistent" else None,
-                         teacher_logits=soft_labels["train"] if mode == "cached" else None, kd=kd)
+                         teacher_logits=teacher_logits["train"] if mode == "cached" else None, kd=kd)
              for seed in params.train.seeds]
 kd_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=params_file)
 

@@ -33,12 +33,15 @@ import pandas as pd
 import torch
 from IPython.display import Image, display
 
-from audiokd_lib import data, models, prune, report, runs
-from audiokd_lib.params import load_params
+from audiokd_lib.compress import prune
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import report, runs
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import checkpoints
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-clips = data.load_clip_table(params, "clips")
+clips = tables.load_clip_table(params, "clips")
 
 # %% [markdown]
 # ## The student we prune
@@ -48,7 +51,7 @@ clips = data.load_clip_table(params, "clips")
 
 # %%
 source = runs.best_run(params, params.prune.source)
-student = models.load_checkpoint(params.output_dir / "models" / source["model"] / "model.pt")
+student = checkpoints.load_checkpoint(params.output_dir / "models" / source["model"] / "model.pt")
 sets = runs.feature_sets(params, clips, student)
 example = sets["val"].features[:1]
 metric = "mAP" if student.spec.get("multilabel") else "macro_f1"

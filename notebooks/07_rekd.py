@@ -31,12 +31,15 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
-from audiokd_lib import data, export, models, report, runs
-from audiokd_lib.params import load_params
+from audiokd_lib.compress import export, soft_labels
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import report, runs
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import checkpoints
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-clips = data.load_clip_table(params, "clips")
+clips = tables.load_clip_table(params, "clips")
 pruned_runs = runs.results_table(params, ["student-pruned"])
 print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {params.prune.train.epochs} epochs each")
 
@@ -47,19 +50,19 @@ print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {p
 # alpha). `labels`: cross-entropy on the labels only. All runs train side by side, as in 04 and 05.
 
 # %%
-first = models.load_checkpoint(params.output_dir / "models" / pruned_runs["model"].iloc[0] / "model.pt")
+first = checkpoints.load_checkpoint(params.output_dir / "models" / pruned_runs["model"].iloc[0] / "model.pt")
 sets = runs.feature_sets(params, clips, first)
-soft_labels, identity = runs.load_teacher_logits(params, sets)
+teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 jobs = []
 for name, variant in zip(pruned_runs["model"], pruned_runs["variant"]):
     for mode in params.prune.retrain:
         kd = mode == "kd"
         jobs.append(runs.RunJob(
             "student-rekd" if kd else "student-finetuned", f"{name}-{'rekd' if kd else 'finetuned'}",
-            models.load_checkpoint(params.output_dir / "models" / name / "model.pt"), params.prune.train.seeds[0],
+            checkpoints.load_checkpoint(params.output_dir / "models" / name / "model.pt"), params.prune.train.seeds[0],
             tags={"variant": f"{variant} + {'re-KD' if kd else 'labels'}", "source": name,
                   "teacher": identity if kd else "none (labels only)"},
-            teacher_logits=soft_labels["train"] if kd else None,
+            teacher_logits=teacher_logits["train"] if kd else None,
             kd=(params.kd.temperature, params.kd.alpha) if kd else None))
 retrained = runs.train_many(params, jobs, sets, tp=params.prune.train, params_file=params_file)
 

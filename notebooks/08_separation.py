@@ -45,14 +45,19 @@ import pandas as pd
 import torch
 from IPython.display import HTML, Image, Markdown, display
 
-from audiokd_lib import classify, data, metrics, models, plots, render, runs, separate, teachers, tracking, train
-from audiokd_lib.audio import load_audio, resample
-from audiokd_lib.features import compute_norm_stats
-from audiokd_lib.params import load_params
+from audiokd_lib import classify, plots
+from audiokd_lib.audio.features import compute_norm_stats
+from audiokd_lib.audio.loading import load_audio, resample
+from audiokd_lib.data import tables, taxonomy
+from audiokd_lib.experiment import metrics, runs, tracking, training
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import students, teachers
+from audiokd_lib.separation import crnn, quality, stem_selection
+from audiokd_lib.separation.separator import load_demucs, open_separator, separate
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
-pieces = data.load_clip_table(params, "pieces")
+pieces = tables.load_clip_table(params, "pieces")
 sp, cp, sample_rate = params.separation, params.separation.crnn, params.data.pieces.sample_rate
 print(f"profile {params.profile}: {len(pieces)} pieces of {params.data.pieces.seconds:g} s at {sample_rate} Hz, "
       f"{pieces['split'].value_counts().to_dict()}")
@@ -60,7 +65,7 @@ print(f"profile {params.profile}: {len(pieces)} pieces of {params.data.pieces.se
 # %% [markdown]
 # ## A separator of our own: the mask CRNN
 #
-# `separate.MaskCRNN` reads the magnitude of the mixture's STFT and predicts, for every
+# `crnn.MaskCRNN` reads the magnitude of the mixture's STFT and predicts, for every
 # time-frequency bin, which share of it belongs to each of the four groups: a softmax over the groups,
 # so the four masks add up to one and the four stems add up to the mixture. A convolutional encoder
 # halves the frequency axis block by block, a bidirectional GRU reads the whole segment frame by frame
@@ -81,7 +86,7 @@ print(f"profile {params.profile}: {len(pieces)} pieces of {params.data.pieces.se
 # %%
 separator_threads = (params.workers or len(os.sched_getaffinity(0))) * params.threads
 torch.set_num_threads(separator_threads)
-settings = json.dumps({"crnn": cp.model_dump(), "pieces": data.fingerprint(pieces), "seed": params.seed},
+settings = json.dumps({"crnn": cp.model_dump(), "pieces": tables.fingerprint(pieces), "seed": params.seed},
                       sort_keys=True)
 crnn_key = hashlib.sha256(settings.encode()).hexdigest()[:12]
 run_dir = params.output_dir / "models" / f"separator-crnn-{crnn_key}"
@@ -89,10 +94,10 @@ earlier = tracking.runs_frame(params, "separator")
 if len(earlier) and earlier.iloc[0].get("settings") == crnn_key:
     print(f"separator already trained with these settings (MLflow run {earlier.iloc[0]['run_id'][:8]}); reusing it")
 else:
-    separator = separate.build_crnn(cp, sample_rate, seed=params.seed)
-    tags = {"model": "separator-crnn", "settings": crnn_key, "dataset_fingerprint": data.fingerprint(pieces)}
+    separator = crnn.build_crnn(cp, sample_rate, seed=params.seed)
+    tags = {"model": "separator-crnn", "settings": crnn_key, "dataset_fingerprint": tables.fingerprint(pieces)}
     with tracking.start_run(params, "separator", "separator-crnn", tags, params_file):
-        result = separate.train_crnn(
+        result = crnn.train_crnn(
             separator, pieces[pieces["split"] == "train"], pieces[pieces["split"] == "val"], cp, run_dir,
             seed=params.seed,
             on_epoch=lambda row: tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"]))
@@ -111,7 +116,7 @@ else:
         mlflow.set_tag("stopped", result.stopped)
         tracking.log_artifacts([result.checkpoint, curve])
 separator_run = tracking.latest_run(params, "separator")
-separator = separate.open_separator("crnn", params)
+separator = open_separator("crnn", params)
 display(Image(filename=str(tracking.artifact_path(separator_run, "separator-crnn_loss.png"))))
 print(f"separator-crnn: {int(separator_run['params']):,} parameters, {separator_run['size_mb']:.1f} MB; per second "
       f"of audio {separator_run['macs'] / 1e9:.2f} GMACs and {separator_run['latency_ms']:.0f} ms on "
@@ -146,7 +151,7 @@ print(f"separator-crnn: {int(separator_run['params']):,} parameters, {separator_
 
 # %%
 eval_sets = {split: pieces[pieces["split"] == split].head(sp.eval_pieces) for split in ("test", "heldout")}
-sdr = {split: separate.evaluate(rows, {"CRNN": separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
+sdr = {split: quality.evaluate(rows, {"CRNN": separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
                                 sp.overlap) for split, rows in eval_sets.items() if len(rows)}
 sdr_table = pd.concat({split: scores.table() for split, scores in sdr.items()}, names=["split", "method"])
 display(sdr_table.round(2))
@@ -212,10 +217,10 @@ detector_params = params.model_copy(update={
     # The pieces' teacher is always mn04, read zero-shot, whatever teacher notebooks 03-07 used.
     "teacher": params.teacher.model_copy(update={"kind": "efficientat", "checkpoint": "mn04_as"}),
 })
-classes = list(render.OPENMIC_CLASSES)
+classes = list(taxonomy.OPENMIC_CLASSES)
 stats = compute_norm_stats(pieces, detector_params.features, detector_params.fingerprint("features"),
-                           data.fingerprint(pieces))
-sets = runs.feature_sets(detector_params, pieces, models.build_student(detector_params, classes, stats, multilabel=True))
+                           tables.fingerprint(pieces))
+sets = runs.feature_sets(detector_params, pieces, students.build_student(detector_params, classes, stats, multilabel=True))
 print({split: tuple(s.features.shape) for split, s in sets.items()})
 print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f} on average; "
       f"classes without a training piece: {[c for c, n in zip(classes, sets['train'].targets.sum(0)) if n == 0]}")
@@ -236,8 +241,8 @@ print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f
 # changes, so mAP stays as it was.
 
 # %%
-audioset = models.pretrained_audioset(detector_params)
-zero_shot = {split: teachers.openmic_logits(train.predict(audioset, s), audioset.classes, classes)
+audioset = teachers.pretrained_audioset(detector_params)
+zero_shot = {split: teachers.openmic_logits(training.predict(audioset, s), audioset.classes, classes)
              for split, s in sets.items()}
 scale, shift = teachers.fit_calibration(zero_shot["train"], sets["train"].targets)
 teacher_logits = {split: scale * logits + shift for split, logits in zero_shot.items()}
@@ -263,13 +268,13 @@ display(teacher_table.round(3))
 # %%
 kd = (params.kd.temperature, params.kd.alpha)
 seed = sp.detector.seeds[0]
-teacher_name = f"{models.teacher_identity(audioset)}, zero-shot, calibrated"
+teacher_name = f"{teachers.teacher_identity(audioset)}, zero-shot, calibrated"
 jobs = [
     runs.RunJob("detector", "detector-labels",
-                models.build_student(detector_params, classes, stats, multilabel=True, seed=seed), seed,
+                students.build_student(detector_params, classes, stats, multilabel=True, seed=seed), seed,
                 tags={"variant": "labels"}),
     runs.RunJob("detector", "detector-kd",
-                models.build_student(detector_params, classes, stats, multilabel=True, seed=seed), seed,
+                students.build_student(detector_params, classes, stats, multilabel=True, seed=seed), seed,
                 tags={"variant": "kd", "teacher": teacher_name}, teacher_logits=teacher_logits["train"], kd=kd),
 ]
 detector_runs = runs.train_many(detector_params, jobs, sets, tp=sp.detector, params_file=params_file)
@@ -291,16 +296,16 @@ print(f"detector used below: {chosen_run['model']} (val mAP {chosen_run['val_mAP
 # ## From instruments to stems
 #
 # A stem is handed over when an instrument it carries scores at least `separation.threshold`. The
-# mapping (`separate.stem_mapping`) gives each OpenMIC class its own stem when the separator has one
+# mapping (`stem_selection.stem_mapping`) gives each OpenMIC class its own stem when the separator has one
 # (voice to `vocals`, drums and cymbals to `drums`, bass to `bass`, guitar and piano to their own stems
 # in a 6-stem model) and `other` for everything else. Here it is for a 4-stem separator (the CRNN,
 # htdemucs) and a 6-stem one (htdemucs_6s):
 
 # %%
-display(separate.mapping_table().set_index("class").T)
-mapping = separate.stem_mapping(separator.sources)
+display(stem_selection.mapping_table().set_index("class").T)
+mapping = stem_selection.stem_mapping(separator.sources)
 display(Markdown("What this mapping cannot do, for the CRNN's stems:\n\n" +
-                 "\n".join(f"- {limit}" for limit in separate.mapping_limits(mapping, separator.sources))))
+                 "\n".join(f"- {limit}" for limit in stem_selection.mapping_limits(mapping, separator.sources))))
 
 # %% [markdown]
 # Now the whole path on a few held-out pieces, as `audiokd separate` runs it on any file: separate the
@@ -314,15 +319,15 @@ separated_dir = params.output_dir / "separated"
 examples = pieces[pieces["split"] == "heldout"].head(4)
 rows = []
 for piece in examples.itertuples():
-    separation = separate.separate(separator, load_audio(piece.path, separator.samplerate, mono=False),
-                                   separator.samplerate, sp.segment_seconds, sp.overlap)
+    separation = separate(separator, load_audio(piece.path, separator.samplerate, mono=False),
+                         separator.samplerate, sp.segment_seconds, sp.overlap)
     prediction = classify.classify_file(detector, piece.path, top_k=len(detector.classes))
-    selection = separate.select_stems(dict(prediction.top), sp.threshold, separator.sources)
+    selection = stem_selection.select_stems(dict(prediction.top), sp.threshold, separator.sources)
     info = {"input": piece.path, "true_instruments": piece.labels.split("|"),
             "separator": {"choice": "crnn", "run_id": separator_run["run_id"]},
             "classifier": {"model": chosen_run["model"], "run_id": chosen_run["run_id"], "classes": detector.classes}}
     # overwrite=True: these folders are this notebook's own outputs, made again on every run.
-    folder = separate.write_selection(separated_dir, piece.sample_key, separation, selection, info, overwrite=True)
+    folder = stem_selection.write_selection(separated_dir, piece.sample_key, separation, selection, info, overwrite=True)
     rows.append({"piece": piece.sample_key, "plays": piece.labels.replace("|", ", "),
                  "heard": ", ".join(c for c, p in prediction.top if p >= sp.threshold),
                  "stems handed over": ", ".join(selection.chosen), "folder": str(folder.relative_to(params.output_dir))})
@@ -355,13 +360,13 @@ def logmel(wave: torch.Tensor) -> torch.Tensor:
 def show_track(key: str) -> None:
     """Predicted instruments, players and spectrograms of one separated piece: each stem beside the truth."""
     manifest = json.loads((separated_dir / key / "manifest.json").read_text())
-    mixture, groups = separate.load_piece(manifest["input"], render.GROUPS, sample_rate)
+    mixture, groups = crnn.load_piece(manifest["input"], taxonomy.GROUPS, sample_rate)
     heard = [f"{c} {p:.2f}" for c, p in manifest["scores"].items() if p >= manifest["threshold"]]
     display(Markdown(f"**{key}** plays {', '.join(manifest['true_instruments'])}; the detector hears "
                      f"{', '.join(heard) or 'nothing'}; stems handed over: {', '.join(manifest['chosen']) or 'none'}"))
     rows = [("mixture", mixture[None], None)]
     for stem in manifest["chosen"]:
-        truth = groups[render.GROUPS.index(stem if stem in render.GROUPS else "other")]
+        truth = groups[taxonomy.GROUPS.index(stem if stem in taxonomy.GROUPS else "other")]
         rows.append((stem, load_audio(separated_dir / key / manifest["files"][stem], sample_rate), truth[None]))
     cells = "".join(f"<tr><td>{escape(name)}</td><td>{plots.player(wave, sample_rate)._repr_html_()}</td>"
                     f"<td>{'' if truth is None else plots.player(truth, sample_rate)._repr_html_()}</td></tr>"
@@ -432,8 +437,8 @@ show_track(tracks.value)
 
 # %%
 if sp.separator == "demucs":
-    demucs = separate.load_demucs(sp.demucs_name, sp.demucs_repo)
-    demucs_sdr = {split: separate.evaluate(rows, {sp.demucs_name: demucs}, cp.n_fft, cp.hop, sample_rate,
+    demucs = load_demucs(sp.demucs_name, sp.demucs_repo)
+    demucs_sdr = {split: quality.evaluate(rows, {sp.demucs_name: demucs}, cp.n_fft, cp.hop, sample_rate,
                                            sp.segment_seconds, sp.overlap) for split, rows in eval_sets.items()}
     display(pd.concat({split: scores.table() for split, scores in demucs_sdr.items()}, names=["split", "method"])
             .round(2))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from audiokd_lib.audio import AudioLoadError, audio_backend, load_audio, load_clip, save_audio
+from audiokd_lib.audio.loading import AudioLoadError, audio_backend, load_audio, load_clip, save_audio
 
 BACKENDS = ["soundfile"] + (["torchaudio"] if audio_backend() == "torchaudio" else [])
 

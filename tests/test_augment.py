@@ -11,8 +11,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from audiokd_lib import augment
-from audiokd_lib.params import AugmentParams, CodecParams, GainNoiseParams, RirParams
+from audiokd_lib.audio import augment
+from audiokd_lib.experiment.params import AugmentParams, CodecParams, GainNoiseParams, RirParams
 
 SR = 32000
 

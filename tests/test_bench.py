@@ -8,29 +8,29 @@ import pandas as pd
 import pytest
 import torch
 
-from audiokd_lib import models
-from audiokd_lib.bench import measure_model
+from audiokd_lib.audio.features import NormStats, frames_per_clip
 from audiokd_lib.cli import main
-from audiokd_lib.features import NormStats, frames_per_clip
-from audiokd_lib.params import FeatureParams, load_params
+from audiokd_lib.compress.bench import measure_model
+from audiokd_lib.experiment.params import FeatureParams, load_params
+from audiokd_lib.models import checkpoints, classifier, students
 
 
-def student(smoke_profile, width_mult: float) -> models.Classifier:
+def student(smoke_profile, width_mult: float) -> classifier.Classifier:
     smoke = load_params(smoke_profile)
     params = smoke.model_copy(update={"student": smoke.student.model_copy(update={"width_mult": width_mult})})
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    return models.build_student(params, ["a", "b", "c"], stats, seed=0).eval()
+    return students.build_student(params, ["a", "b", "c"], stats, seed=0).eval()
 
 
 @pytest.fixture
-def checkpoints(smoke_profile, tmp_path):
-    return [models.save_checkpoint(student(smoke_profile, width), tmp_path / f"{name}.pt")
+def saved_students(smoke_profile, tmp_path):
+    return [checkpoints.save_checkpoint(student(smoke_profile, width), tmp_path / f"{name}.pt")
             for name, width in (("wide", 1.0), ("narrow", 0.5))]
 
 
-def test_one_model_is_measured_on_its_own_features(checkpoints):
-    model = models.load_checkpoint(checkpoints[0])
-    result = measure_model(checkpoints[0], "wide", batch=4, repeats=2, warmup=1)
+def test_one_model_is_measured_on_its_own_features(saved_students):
+    model = checkpoints.load_checkpoint(saved_students[0])
+    result = measure_model(saved_students[0], "wide", batch=4, repeats=2, warmup=1)
     assert result.model == "wide" and result.kind == "mobilenet_v3_small x1.0"
     frames = frames_per_clip(FeatureParams(**model.spec["features"]))  # one clip of the smoke profile's 1 s
     assert result.input_shape == f"1x128x{frames}"
@@ -41,8 +41,8 @@ def test_one_model_is_measured_on_its_own_features(checkpoints):
     assert (result.batch, result.threads) == (4, 1)
 
 
-def test_cli_compares_models_in_one_table(checkpoints, tmp_path, capsys):
-    wide, narrow = checkpoints
+def test_cli_compares_models_in_one_table(saved_students, tmp_path, capsys):
+    wide, narrow = saved_students
     csv = tmp_path / "out" / "bench.csv"
     assert main(["bench", "--models", str(wide), str(narrow), "--repeats", "3", "--batch", "4",
                  "--csv", str(csv)]) == 0
@@ -55,8 +55,8 @@ def test_cli_compares_models_in_one_table(checkpoints, tmp_path, capsys):
     assert table["fewer_macs"].iloc[1] > 1.5 and (table["input"] == table["input"].iloc[0]).all()
 
 
-def test_cli_names_what_is_wrong(checkpoints, tmp_path, capsys):
-    assert main(["bench", "--models", str(checkpoints[0]), "--batch", "0"]) == 1
+def test_cli_names_what_is_wrong(saved_students, tmp_path, capsys):
+    assert main(["bench", "--models", str(saved_students[0]), "--batch", "0"]) == 1
     assert "batch" in capsys.readouterr().err
     assert main(["bench", "--models", "student-kd"]) == 1  # a role needs a profile
     assert "--profile" in capsys.readouterr().err

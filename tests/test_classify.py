@@ -7,20 +7,20 @@ import json
 import pytest
 import torch
 
-from audiokd_lib import models
-from audiokd_lib.audio import save_audio
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.classify import classify_file, windows
 from audiokd_lib.cli import main
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import checkpoints, students
 
 
 @pytest.fixture
 def checkpoint(smoke_profile, tmp_path):
     params = load_params(smoke_profile)
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = models.build_student(params, ["Flute", "Oboe", "Violin"], stats)
-    return models.save_checkpoint(model.eval(), tmp_path / "model.pt")
+    model = students.build_student(params, ["Flute", "Oboe", "Violin"], stats)
+    return checkpoints.save_checkpoint(model.eval(), tmp_path / "model.pt")
 
 
 def tone(seconds: float, amplitude: float = 0.3) -> torch.Tensor:
@@ -37,7 +37,7 @@ def test_windows_cover_the_file_with_half_overlap():
 
 
 def test_long_file_is_classified_by_windows(checkpoint, tmp_path):
-    model = models.load_checkpoint(checkpoint)
+    model = checkpoints.load_checkpoint(checkpoint)
     path = save_audio(tmp_path / "long.wav", tone(3.5), 32000)
     prediction = classify_file(model, path, top_k=2)
     assert prediction.status == "ok" and prediction.windows == 6  # 1 s windows every 0.5 s

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from audiokd_lib import data, synth
-from audiokd_lib.params import DataParams
+from audiokd_lib.data import synth, tables
+from audiokd_lib.experiment.params import DataParams
 
 
 def notes_table(soundfonts=("FluidR3_GM", "MuseScore_General")) -> pd.DataFrame:
@@ -19,7 +19,7 @@ def notes_table(soundfonts=("FluidR3_GM", "MuseScore_General")) -> pd.DataFrame:
 
 
 def test_note_splits_keep_every_pitch_in_one_split():
-    table = data.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
+    table = tables.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
     known = table[table["soundfont"] == "FluidR3_GM"]
     assert (known.groupby(["label", "pitch_id"])["split"].nunique() == 1).all()
     assert set(table.loc[table["soundfont"] == "MuseScore_General", "split"]) == {"heldout"}
@@ -30,28 +30,28 @@ def test_note_splits_keep_every_pitch_in_one_split():
 
 
 def test_splits_are_deterministic_and_seeded():
-    a = data.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
-    b = data.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
-    c = data.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=1)
-    assert data.fingerprint(a) == data.fingerprint(b) != data.fingerprint(c)
+    a = tables.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
+    b = tables.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
+    c = tables.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=1)
+    assert tables.fingerprint(a) == tables.fingerprint(b) != tables.fingerprint(c)
 
 
 def test_piece_splits():
     pieces = pd.DataFrame({"path": [f"p{i}" for i in range(50)], "labels": "piano",
                            "soundfont": ["FluidR3_GM"] * 40 + ["MuseScore_General"] * 10})
-    table = data.split_pieces(pieces, 0.1, 0.1, "MuseScore_General", seed=0)
+    table = tables.split_pieces(pieces, 0.1, 0.1, "MuseScore_General", seed=0)
     assert table["split"].value_counts().to_dict() == {"train": 32, "heldout": 10, "val": 4, "test": 4}
 
 
 def test_missing_soundfonts_fall_back_loudly(monkeypatch):
     real = synth.find_soundfont
     monkeypatch.setattr(synth, "find_soundfont", lambda name: real(name) if name == "TimGM6mb" else None)
-    plan = data.plan_soundfonts(DataParams())
+    plan = tables.plan_soundfonts(DataParams())
     assert list(plan.train) == ["TimGM6mb"]
     assert plan.heldout is None
     assert any("FluidR3_GM is not installed" in n and "apt-get install" in n for n in plan.notices)
     with pytest.raises(synth.SoundfontNotFound, match="FluidR3_GM"):
-        data.plan_soundfonts(DataParams(allow_fallback_soundfont=False))
+        tables.plan_soundfonts(DataParams(allow_fallback_soundfont=False))
 
 
 def test_heldout_soundfont_is_substituted_when_missing(monkeypatch):
@@ -59,6 +59,6 @@ def test_heldout_soundfont_is_substituted_when_missing(monkeypatch):
     monkeypatch.setattr(synth, "find_soundfont", lambda name: None if name == "MuseScore_General" else real(name))
     if real("FluidR3_GM") is None:
         pytest.skip("FluidR3_GM is not installed")
-    plan = data.plan_soundfonts(DataParams())
+    plan = tables.plan_soundfonts(DataParams())
     assert plan.heldout[0] == "TimGM6mb"
     assert any("held-out soundfont replaced" in n for n in plan.notices)

@@ -19,10 +19,11 @@ import soundfile as sf
 import torch
 from conftest import ROOT, FileServer, write_profile
 
-from audiokd_lib import data, datasets, download, metrics, train
-from audiokd_lib.datasets import Downloads
-from audiokd_lib.params import IrmasSubsetParams, SubsetParams, load_params
-from audiokd_lib.render import TINYSOL_COLUMNS
+from audiokd_lib.data import download, irmas, openmic, real, sources, tables, tinysol
+from audiokd_lib.data.notes import TINYSOL_COLUMNS
+from audiokd_lib.data.sources import Downloads
+from audiokd_lib.experiment import losses, metrics
+from audiokd_lib.experiment.params import IrmasSubsetParams, SubsetParams, load_params
 
 rng = np.random.default_rng(0)
 
@@ -59,7 +60,7 @@ def zip_file(members: dict[str, bytes]) -> bytes:
 
 def publish(server: FileServer, dataset: str, files: dict[str, bytes], md5: dict[str, str] | None = None) -> None:
     """Serve a dataset's files at their official paths, and its Zenodo record's listing at the API's path."""
-    source = datasets.SOURCES[dataset]
+    source = sources.SOURCES[dataset]
     for remote in source.files:
         server.files[urllib.parse.urlsplit(remote.url).path] = files[remote.name]
     if source.record:
@@ -79,9 +80,9 @@ def server() -> Iterator[FileServer]:
 @pytest.fixture
 def unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
     """Our test archives are not the published ones: trust the (test) record's md5 instead of the pinned values."""
-    monkeypatch.setattr(datasets, "SOURCES", {
+    monkeypatch.setattr(sources, "SOURCES", {
         name: replace(source, files=tuple(replace(f, md5=None) for f in source.files))
-        for name, source in datasets.SOURCES.items()
+        for name, source in sources.SOURCES.items()
     })
 
 
@@ -117,16 +118,16 @@ def test_tinysol_subset_stops_the_stream_early_and_is_cached(server, unpinned, t
     publish(server, "tinysol", files)
     dl = downloads(tmp_path, server)
     subset = SubsetParams(classes=["Fl", "Vn"], files_per_class=2)
-    manifest = datasets.download_tinysol(dl, subset)
+    manifest = tinysol.download_tinysol(dl, subset)
     archive = manifest["archives"]["TinySOL.tar.gz"]
     assert archive["bytes_read"] < archive["size"] / 2 and "stopped" in archive["check"]  # no tuba was read
     assert dl.ledger.spent < archive["size"] / 2 + len(files["TinySOL_metadata.csv"]) + 1000
-    table = datasets.load_tinysol(dl.folder("tinysol"))
+    table = tinysol.load_tinysol(dl.folder("tinysol"))
     assert table["label"].value_counts().to_dict() == {"Flute": 2, "Violin": 2}
-    assert table["split"].tolist() == [datasets.TINYSOL_FOLD_SPLITS[f] for f in table["fold"]]
+    assert table["split"].tolist() == [tinysol.TINYSOL_FOLD_SPLITS[f] for f in table["fold"]]
     assert all(Path(p).is_file() for p in table["path"]) and set(table["source"]) == {"tinysol"}
     requests = len(server.requests)
-    assert datasets.download_tinysol(dl, subset) == manifest and len(server.requests) == requests  # no network
+    assert tinysol.download_tinysol(dl, subset) == manifest and len(server.requests) == requests  # no network
 
 
 def test_tinysol_resumes_after_a_cut_connection_and_checks_the_md5(server, unpinned, tmp_path):
@@ -135,14 +136,14 @@ def test_tinysol_resumes_after_a_cut_connection_and_checks_the_md5(server, unpin
     dl = downloads(tmp_path, server)
     server.cut_after[TINYSOL_ARCHIVE] = 100_000
     with pytest.raises(download.DownloadError, match="run again to resume"):
-        datasets.download_tinysol(dl, SubsetParams())
+        tinysol.download_tinysol(dl, SubsetParams())
     part = dl.folder("tinysol") / "TinySOL.tar.gz.part"
     assert part.stat().st_size == 100_000
-    manifest = datasets.download_tinysol(dl, SubsetParams())
+    manifest = tinysol.download_tinysol(dl, SubsetParams())
     assert server.requests[-1] == (TINYSOL_ARCHIVE, "bytes=100000-")
     assert manifest["archives"]["TinySOL.tar.gz"]["check"] == "md5 of the whole archive"
     assert (dl.folder("tinysol") / "TinySOL.tar.gz").read_bytes() == files["TinySOL.tar.gz"] and not part.exists()
-    assert len(datasets.load_tinysol(dl.folder("tinysol"))) == 3 * 8
+    assert len(tinysol.load_tinysol(dl.folder("tinysol"))) == 3 * 8
     paid = dl.ledger.spent - len(files["TinySOL_metadata.csv"]) - len(server.files["/api/records/3685367"]) * 2
     assert paid == len(files["TinySOL.tar.gz"])  # the first 100 kB were paid for once
 
@@ -151,14 +152,14 @@ def test_wrong_checksum_is_refused_and_nothing_kept(server, unpinned, tmp_path):
     publish(server, "tinysol", tinysol_files(), md5={"TinySOL_metadata.csv": "0" * 32})
     dl = downloads(tmp_path, server)
     with pytest.raises(download.ChecksumError, match="0{32}"):
-        datasets.download_tinysol(dl, SubsetParams())
+        tinysol.download_tinysol(dl, SubsetParams())
     assert not list(dl.folder("tinysol").glob("TinySOL_metadata*"))
 
 
 def test_record_disagreeing_with_the_pinned_md5_is_refused(server, tmp_path):
     publish(server, "tinysol", tinysol_files())  # our archive is not the published TinySOL
     with pytest.raises(download.ChecksumError, match="the record changed"):
-        datasets.download_tinysol(downloads(tmp_path, server), SubsetParams())
+        tinysol.download_tinysol(downloads(tmp_path, server), SubsetParams())
     assert [path for path, _ in server.requests] == ["/api/records/3685367"]
 
 
@@ -167,7 +168,7 @@ def test_budget_refuses_before_downloading(server, unpinned, tmp_path):
     publish(server, "tinysol", files)
     dl = downloads(tmp_path, server, budget=len(files["TinySOL.tar.gz"]) // 2)
     with pytest.raises(download.BudgetExceeded, match="budget_bytes") as err:
-        datasets.download_tinysol(dl, SubsetParams())  # every note: the whole archive
+        tinysol.download_tinysol(dl, SubsetParams())  # every note: the whole archive
     assert "all of TinySOL.tar.gz" in str(err.value) and TINYSOL_ARCHIVE not in server.sent
 
 
@@ -177,10 +178,10 @@ def test_budget_stops_a_stream_and_a_bigger_budget_resumes_it(server, unpinned, 
     size = len(files["TinySOL.tar.gz"])
     subset = SubsetParams(classes=["BTb"], files_per_class=1)  # the tubas come last in the archive
     with pytest.raises(download.BudgetExceeded, match="reached the byte budget"):
-        datasets.download_tinysol(downloads(tmp_path, server, budget=size // 2), subset)
+        tinysol.download_tinysol(downloads(tmp_path, server, budget=size // 2), subset)
     kept = (tmp_path / "cache/tinysol/TinySOL.tar.gz.part").stat().st_size
     assert size // 3 < kept <= size // 2 + download.CHUNK
-    manifest = datasets.download_tinysol(downloads(tmp_path, server, budget=2 * size), subset)
+    manifest = tinysol.download_tinysol(downloads(tmp_path, server, budget=2 * size), subset)
     assert server.requests[-1] == (TINYSOL_ARCHIVE, f"bytes={kept}-")
     assert manifest["archives"]["TinySOL.tar.gz"]["bytes_read"] > kept and len(manifest["clips"]["clips"]) == 1
 
@@ -195,7 +196,7 @@ IRMAS_PARTS = {"IRMAS-TestingData-Part1.zip": "IRMAS-TestingData-Part1/Part1",
 def irmas_files(per_class: int = 6) -> dict[str, bytes]:
     """IRMAS-TrainingData.zip (a folder per instrument code) and three testing zips (excerpts with .txt labels)."""
     training = {f"IRMAS-TrainingData/{code}/[{code}][nod][cla]{i // 2:04d}__{i % 2 + 1}.wav": audio(0.1, 2)
-                for code in datasets.IRMAS_CLASSES for i in range(per_class)}
+                for code in irmas.IRMAS_CLASSES for i in range(per_class)}
     files = {"IRMAS-TrainingData.zip": zip_file(training)}
     labels = [["cel", "voi"], ["pia"], ["gel", "voi"], ["pia", "vio"]]
     for n, (name, folder) in enumerate(IRMAS_PARTS.items()):
@@ -212,13 +213,13 @@ def test_irmas_subset_fetches_only_its_members_by_range(server, unpinned, tmp_pa
     publish(server, "irmas", files)
     dl = downloads(tmp_path, server)
     subset = IrmasSubsetParams(classes=["cel", "pia"], files_per_class=2, testing_files=3)
-    manifest = datasets.download_irmas(dl, subset)
+    manifest = irmas.download_irmas(dl, subset)
     training_path = "/records/1290750/files/IRMAS-TrainingData.zip"
     assert server.sent[training_path] < 0.2 * len(files["IRMAS-TrainingData.zip"])
     assert all(ask and ask.startswith("bytes=") for path, ask in server.requests if path == training_path)
     assert manifest["archives"]["IRMAS-TrainingData.zip"]["check"] == "CRC-32 of each member read"
     assert dl.ledger.spent == sum(server.sent.values())
-    training, testing = datasets.load_irmas(dl.folder("irmas"))
+    training, testing = irmas.load_irmas(dl.folder("irmas"))
     assert training["label"].value_counts().to_dict() == {"cello": 2, "piano": 2}
     assert set(training["split"]) <= {"train", "val", "test"} and set(training["source"]) == {"irmas"}
     # An excerpt is kept when one of its labels is chosen; labels of other classes are dropped.
@@ -232,7 +233,7 @@ def test_irmas_budget_refuses_the_members_before_fetching_them(server, unpinned,
     publish(server, "irmas", files)
     dl = downloads(tmp_path, server, budget=200_000)  # the directory fits, 11 x 6 clips of 35 kB do not
     with pytest.raises(download.BudgetExceeded, match="66 files from IRMAS-TrainingData.zip"):
-        datasets.download_irmas(dl, IrmasSubsetParams(files_per_class=None, testing_files=0))
+        irmas.download_irmas(dl, IrmasSubsetParams(files_per_class=None, testing_files=0))
     assert not list((dl.folder("irmas") / "IRMAS-TrainingData").rglob("*.wav"))
 
 
@@ -260,16 +261,16 @@ def test_openmic_keeps_unknown_labels_unknown(server, unpinned, tmp_path, labels
     files = openmic_files(labels_first)
     publish(server, "openmic", files)
     dl = downloads(tmp_path, server)
-    manifest = datasets.download_openmic(dl, SubsetParams(classes=["drums", "piano", "voice"], files_per_class=2))
+    manifest = openmic.download_openmic(dl, SubsetParams(classes=["drums", "piano", "voice"], files_per_class=2))
     root = dl.folder("openmic")
-    table = datasets.load_openmic(root)
+    table = openmic.load_openmic(root)
     # The first two piano and voice clips in archive order; none is a drums positive, so drums never fills.
     assert sorted(table["labels"]) == ["piano", "piano", "voice", "voice"]
     assert len(list(root.rglob("*.ogg"))) == 4  # clips streamed before the labels and not chosen are deleted
     # Unknown: classes nobody was asked about, and drums where the answers split evenly (relevance 0.5).
     assert set(table["labels_unknown"]) == {"voice", "drums|voice", "piano", "drums|piano"}
     assert set(table["split"]) <= {"train", "val", "test"}
-    targets, known = datasets.multilabel_targets(table, manifest["classes"])
+    targets, known = real.multilabel_targets(table, manifest["classes"])
     assert targets.shape == known.shape == (4, 3) and (targets[known == 0] == 0).all()
     drums = manifest["classes"].index("drums")
     assert (known[:, drums] == ~table["labels_unknown"].str.contains("drums")).all() and not targets[:, drums].any()
@@ -280,10 +281,10 @@ def test_masked_loss_and_metrics_ignore_unknown_answers():
     targets = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
     known = torch.tensor([[True, False], [True, True], [True, True]])
     logits = torch.tensor([[2.0, 5.0], [-1.0, 1.0], [0.5, -3.0]])
-    loss = train.masked_bce(logits, targets, known)
+    loss = losses.masked_bce(logits, targets, known)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
     assert torch.isclose(loss, expected)
-    assert torch.isclose(train.masked_bce(logits + 9.0 * ~known, targets, known), loss)  # unknown: no effect
+    assert torch.isclose(losses.masked_bce(logits + 9.0 * ~known, targets, known), loss)  # unknown: no effect
     scores = logits.numpy().copy()
     result = metrics.masked_multilabel_metrics(targets.numpy(), scores, known.numpy(), ["a", "b"])
     scores[0, 1] = -50.0  # a score where the answer is unknown
@@ -303,7 +304,7 @@ def test_archives_escaping_the_folder_are_refused(server, unpinned, tmp_path, me
     publish(server, "openmic", {"openmic-2018-v1.0.0.tgz": tar_gz(members, links)})
     dl = downloads(tmp_path, server)
     with pytest.raises(download.UnsafeArchive, match=refused):
-        datasets.download_openmic(dl, SubsetParams())
+        openmic.download_openmic(dl, SubsetParams())
     assert not (tmp_path / "cache" / "evil.txt").exists() and not (dl.folder("openmic") / "openmic-2018").exists()
 
 
@@ -343,16 +344,16 @@ def test_esc50_through_params_without_range_support(tmp_path):
             f"data:\n  dataset: esc50\n  downloads:\n    cache_dir: {tmp_path / 'cache'}\n    base_url: {server.base}\n"
             "    esc50: {classes: [dog, rain], files_per_class: 4}\n"))
         params = load_params(profile)
-        real = datasets.prepare(params, progress=False)
+        real_data = real.prepare(params, progress=False)
     finally:
         server.stop()
-    clips = real.tables["clips"]
+    clips = real_data.tables["clips"]
     assert clips["label"].value_counts().to_dict() == {"dog": 4, "rain": 4}
-    assert (clips["split"] == clips["fold"].map(datasets.ESC50_FOLD_SPLITS)).all()
-    assert server.ranges[-1] is None and "ESC-50" in real.summary()
+    assert (clips["split"] == clips["fold"].map(sources.ESC50_FOLD_SPLITS)).all()
+    assert server.ranges[-1] is None and "ESC-50" in real_data.summary()
     # Notebook 01 saves it as the clip table of notebooks 02-07, paths into the cache kept absolute.
-    saved, pieces = data.build_clip_tables(params, data.SoundfontPlan({}, None), real)
-    loaded = data.load_clip_table(params, "clips")
+    saved, pieces = tables.build_clip_tables(params, tables.SoundfontPlan({}, None), real_data)
+    loaded = tables.load_clip_table(params, "clips")
     assert loaded["path"].tolist() == saved["path"].tolist() == clips["path"].tolist() and pieces.empty
-    manifest = json.loads((data.data_dir(params) / "manifest.json").read_text())
+    manifest = json.loads((tables.data_dir(params) / "manifest.json").read_text())
     assert manifest["dataset"] == "esc50" and manifest["download"]["request"]["files_per_class"] == 4

@@ -10,9 +10,10 @@ import onnx
 import pytest
 import torch
 
-from audiokd_lib import export, models
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.compress import export
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import students
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +27,7 @@ def student_and_features():
     """
     params = load_params(ROOT / "params" / "smoke.yaml")
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = models.build_student(params, ["a", "b", "c"], stats, seed=0)
+    model = students.build_student(params, ["a", "b", "c"], stats, seed=0)
     features = model.features(0.1 * torch.randn(6, 32000, generator=torch.Generator().manual_seed(0)))
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

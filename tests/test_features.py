@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from audiokd_lib.audio import load_clip, save_audio
-from audiokd_lib.features import LogMel, NormStats, compute_norm_stats, frames_per_clip
-from audiokd_lib.params import FeatureParams
+from audiokd_lib.audio.features import LogMel, NormStats, compute_norm_stats, frames_per_clip
+from audiokd_lib.audio.loading import load_clip, save_audio
+from audiokd_lib.experiment.params import FeatureParams
 
 
 def tone(freq: float, rate: int = 32000, seconds: float = 1.0) -> torch.Tensor:

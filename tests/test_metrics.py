@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from audiokd_lib import metrics
+from audiokd_lib.experiment import metrics
 
 CLASSES3 = ["flute", "oboe", "violin"]
 CLASSES4 = ["flute", "oboe", "violin", "tuba"]

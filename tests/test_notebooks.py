@@ -7,9 +7,9 @@ import json
 import jupytext
 import nbformat
 import pytest
-
-from audiokd_lib.runner import notebook_names, run_notebooks
 from conftest import ROOT
+
+from audiokd_lib.experiment.pipeline import notebook_names, run_notebooks
 
 NOTEBOOKS = ROOT / "notebooks"
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from audiokd_lib.params import ParamsError, load_params
 from conftest import ROOT, write_profile
+
+from audiokd_lib.experiment.params import ParamsError, load_params
 
 
 @pytest.mark.parametrize("profile", ["smoke", "quick", "full"])

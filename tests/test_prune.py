@@ -9,9 +9,11 @@ import thop
 import torch
 from torch import nn
 
-from audiokd_lib import models, prune, runs
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.compress import prune
+from audiokd_lib.experiment import runs
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.models import checkpoints, students
 
 CLASSES = ["Flute", "Oboe", "Violin"]
 
@@ -20,7 +22,7 @@ def student(smoke_profile, arch: str = "mobilenet_v3_small"):
     params = load_params(smoke_profile)
     params = params.model_copy(update={"student": params.student.model_copy(update={"arch": arch})})
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    return params, models.build_student(params, CLASSES, stats, seed=0).eval()
+    return params, students.build_student(params, CLASSES, stats, seed=0).eval()
 
 
 def thop_macs(model, features):
@@ -41,13 +43,13 @@ def test_unstructured_pruning_zeroes_weights_of_a_copy_but_not_its_file_size(smo
     assert pruned.spec["pruning"] == {"kind": "unstructured", "amount": 0.7}
     assert not torch.nn.utils.prune.is_pruned(pruned)  # masks made permanent: plain tensors, no hooks
 
-    dense_file = models.save_checkpoint(model, tmp_path / "dense.pt")
+    dense_file = checkpoints.save_checkpoint(model, tmp_path / "dense.pt")
     assert prune.nonzero_macs(model, features[:1]) == runs.measure(params, model, dense_file, features)["macs"]
     assert prune.nonzero_macs(pruned, features[:1]) < 0.7 * prune.nonzero_macs(model, features[:1])
-    pruned_file = models.save_checkpoint(pruned, tmp_path / "pruned.pt")
+    pruned_file = checkpoints.save_checkpoint(pruned, tmp_path / "pruned.pt")
     assert pruned_file.stat().st_size == pytest.approx(dense_file.stat().st_size, rel=0.01)  # zeros are stored
     with torch.no_grad():
-        assert torch.equal(models.load_checkpoint(pruned_file).head(features), pruned.head(features))
+        assert torch.equal(checkpoints.load_checkpoint(pruned_file).head(features), pruned.head(features))
     assert prune.compressed_size_mb(pruned) < 0.5 * dense_file.stat().st_size / 1e6
     assert prune.compressed_size_mb(pruned) < 0.5 * prune.compressed_size_mb(model)
 
@@ -71,7 +73,7 @@ def test_channel_pruning_shrinks_every_coupled_layer_and_loads_back(smoke_profil
             assert module.groups == module.in_channels == module.out_channels
     assert pruned.spec["pruning"] == {"kind": "structured", "ratio": 0.5, "importance": "l1"}
 
-    loaded = models.load_checkpoint(models.save_checkpoint(pruned, tmp_path / "pruned.pt"))
+    loaded = checkpoints.load_checkpoint(checkpoints.save_checkpoint(pruned, tmp_path / "pruned.pt"))
     assert prune.channel_counts(loaded) == after
     assert [m.groups for m in loaded.modules() if isinstance(m, nn.Conv2d)] == \
         [m.groups for m in pruned.modules() if isinstance(m, nn.Conv2d)]

@@ -10,14 +10,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from audiokd_lib import render, synth
-from audiokd_lib.render import (
-    TINYSOL_INSTRUMENTS,
-    read_pieces,
-    read_tinysol_metadata,
-    render_notes,
-    render_pieces,
-)
+from audiokd_lib.data import notes, pieces, synth, taxonomy
+from audiokd_lib.data.notes import TINYSOL_INSTRUMENTS, read_tinysol_metadata, render_notes
+from audiokd_lib.data.pieces import read_pieces, render_pieces
 
 FLUIDR3 = synth.find_soundfont("FluidR3_GM")
 TIMGM = synth.find_soundfont("TimGM6mb")
@@ -120,10 +115,10 @@ def test_missing_soundfont_says_how_to_install(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize(("backend", "soundfont"), BACKENDS)
 def test_notes_sound_at_their_pitch(backend, soundfont):
-    notes = [("Fl", 72), ("Vn", 69), ("ClBb", 67), ("TpC", 72)]
+    played = [("Fl", 72), ("Vn", 69), ("ClBb", 67), ("TpC", 72)]
     with synth.open_synth(soundfont, 32000, backend) as player:
         assert player.backend == backend
-        for abbr, midi in notes:
+        for abbr, midi in played:
             note = synth.NoteEvent(0.0, 1.5, midi, 80, TINYSOL_INSTRUMENTS[abbr].program)
             audio = player.render([note], 2.0)
             assert audio.dtype == np.float32 and audio.shape == (64000,)
@@ -157,7 +152,7 @@ def test_silent_notes_are_dropped_and_remembered(tmp_path):
     assert set(silent["Pitch ID"]) == set(range(58, 68))
     assert report.silent == 10 and report.rendered == 30
     assert report.metadata["Pitch ID"].max() == 57
-    assert not (tmp_path / render.note_path("FluidR3_GM", TINYSOL_INSTRUMENTS["Cb"], 64, "mf")).exists()
+    assert not (tmp_path / notes.note_path("FluidR3_GM", TINYSOL_INSTRUMENTS["Cb"], 64, "mf")).exists()
 
     table = pd.read_csv(tmp_path / "TinySOL_metadata.csv")
     assert list(table.columns[: len(TINYSOL_HEADER)]) == TINYSOL_HEADER
@@ -252,7 +247,7 @@ def test_pieces_have_exact_stems_groups_and_labels(tmp_path):
     assert report.rendered == 3
     table = pd.read_csv(tmp_path / "a" / "pieces.csv")
     assert list(table.columns) == ["sample_key", "soundfont", "mixture", "instruments", *OPENMIC]
-    assert len(OPENMIC) == 20 and set(render.OPENMIC_CLASSES) == set(OPENMIC)
+    assert len(OPENMIC) == 20 and set(taxonomy.OPENMIC_CLASSES) == set(OPENMIC)
 
     for row in table.itertuples():
         folder = tmp_path / "a" / row.sample_key
@@ -270,7 +265,7 @@ def test_pieces_have_exact_stems_groups_and_labels(tmp_path):
         else:
             assert not groups["drums"].any()
         classes = {name.split("_")[0] if name.split("_")[-1].isdigit() else name for name in stems}
-        present = {c for c in render.OPENMIC_CLASSES if getattr(row, c) == 1}
+        present = {c for c in taxonomy.OPENMIC_CLASSES if getattr(row, c) == 1}
         assert classes == present
 
     clips = read_pieces(report.root)
@@ -293,11 +288,11 @@ def test_pieces_have_exact_stems_groups_and_labels(tmp_path):
 
 
 def test_pieces_are_composed_from_seed_and_index_alone():
-    first = render.compose_piece(0, 7, 10.0)
-    assert render.compose_piece(0, 7, 10.0) == first
-    assert render.compose_piece(0, 8, 10.0) != first
+    first = pieces.compose_piece(0, 7, 10.0)
+    assert pieces.compose_piece(0, 7, 10.0) == first
+    assert pieces.compose_piece(0, 8, 10.0) != first
     for index in range(40):
-        piece = render.compose_piece(3, index, 10.0)
+        piece = pieces.compose_piece(3, index, 10.0)
         assert piece.parts, "a piece is never empty"
         assert len({p.stem for p in piece.parts}) == len(piece.parts)
         for part in piece.parts:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import nbformat
 import pytest
+from conftest import write_profile
 
 from audiokd_lib.cli import main
-from audiokd_lib.runner import NotebookFailed, run_notebooks, select_notebooks
-from conftest import write_profile
+from audiokd_lib.experiment.pipeline import NotebookFailed, run_notebooks, select_notebooks
 
 
 def make_notebook(folder, name, code):

@@ -6,19 +6,21 @@ import pandas as pd
 import pytest
 import torch
 
-from audiokd_lib import models, runs, tracking
-from audiokd_lib.audio import save_audio
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
-from audiokd_lib.train import FeatureSet, fit, predict
+from audiokd_lib.compress import soft_labels
+from audiokd_lib.experiment import runs, tracking
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.training import FeatureSet, fit, predict
+from audiokd_lib.models import checkpoints, students, teachers
 
 CLASSES = ["Flute", "Oboe", "Violin"]
 
 
 def tiny_model(params, seed=None):
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = models.build_student(params, CLASSES, stats, seed=seed).eval()
+    model = students.build_student(params, CLASSES, stats, seed=seed).eval()
     model.spec["identity"] = "a tiny stand-in teacher"
     return model
 
@@ -30,20 +32,20 @@ def feature_set(n: int, name: str) -> FeatureSet:
 def test_teacher_logits_are_refused_for_other_clips_or_another_teacher(smoke_profile):
     params = load_params(smoke_profile)
     teacher = tiny_model(params)
-    checkpoint = models.save_checkpoint(teacher, runs.teacher_logits_path(params).with_name("model.pt"))
+    checkpoint = checkpoints.save_checkpoint(teacher, soft_labels.teacher_logits_path(params).with_name("model.pt"))
     sets = {"train": feature_set(6, "a"), "val": feature_set(3, "b")}
-    runs.cache_teacher_logits(params, teacher, checkpoint, sets)
-    logits, identity = runs.load_teacher_logits(params, sets)
+    soft_labels.cache_teacher_logits(params, teacher, checkpoint, sets)
+    logits, identity = soft_labels.load_teacher_logits(params, sets)
     assert identity == "a tiny stand-in teacher" and logits["train"].shape == (6, 3)
     assert torch.allclose(logits["val"], predict(teacher, sets["val"]))
 
     changed = {**sets, "val": feature_set(3, "c")}
     with pytest.raises(ValueError, match="split 'val' belong to other clips"):
-        runs.load_teacher_logits(params, changed)
+        soft_labels.load_teacher_logits(params, changed)
     torch.nn.init.zeros_(teacher.net.classifier[-1].weight)
-    models.save_checkpoint(teacher, checkpoint)  # the teacher was fine-tuned again
+    checkpoints.save_checkpoint(teacher, checkpoint)  # the teacher was fine-tuned again
     with pytest.raises(ValueError, match="another teacher checkpoint"):
-        runs.load_teacher_logits(params, sets)
+        soft_labels.load_teacher_logits(params, sets)
 
 
 def test_verdict_compares_with_the_seed_spread():
@@ -59,7 +61,7 @@ def test_verdict_compares_with_the_seed_spread():
 
 def test_classify_finds_a_profiles_latest_model_by_role(smoke_profile, tmp_path, capsys):
     params = load_params(smoke_profile)
-    checkpoint = models.save_checkpoint(tiny_model(params), tmp_path / "model.pt")
+    checkpoint = checkpoints.save_checkpoint(tiny_model(params), tmp_path / "model.pt")
     with tracking.start_run(params, "student-kd", "student-kd-cached-seed0"):
         tracking.log_artifacts([checkpoint])
     t = torch.arange(32000) / 32000
@@ -83,16 +85,16 @@ def test_an_ast_teacher_trains_and_reloads_through_the_same_path(smoke_profile, 
     base = load_params(smoke_profile)
     params = base.model_copy(update={"teacher": base.teacher.model_copy(update={
         "kind": "ast", "checkpoint": str(folder), "finetune": "last_blocks", "last_blocks": 1})})
-    teacher = models.build_teacher(params, CLASSES)
-    assert teacher.sample_rate == 16000 and "AST" in models.teacher_identity(teacher)
+    teacher = teachers.build_teacher(params, CLASSES)
+    assert teacher.sample_rate == 16000 and "AST" in teachers.teacher_identity(teacher)
     waves = torch.randn(12, 16000) * 0.1
     feats = torch.cat([teacher.features(w[None]) for w in waves])
     data = FeatureSet(feats, torch.arange(12) % 3, [f"c{i}" for i in range(12)], CLASSES, "fp")
     tp = params.teacher.train.model_copy(update={"epochs": 1, "batch_size": 4})
     result = fit(teacher, data, data, tp, params, 0, tmp_path / "run", progress=False)
     assert len(result.history) == 1
-    path = models.save_checkpoint(teacher, tmp_path / "teacher.pt")
-    again = models.load_checkpoint(path)
+    path = checkpoints.save_checkpoint(teacher, tmp_path / "teacher.pt")
+    again = checkpoints.load_checkpoint(path)
     assert torch.allclose(teacher.eval()(waves[:2]), again(waves[:2]), atol=1e-5)
 
 

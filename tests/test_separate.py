@@ -11,20 +11,21 @@ import soundfile as sf
 import torch
 from conftest import ROOT, write_profile
 
-from audiokd_lib import models, separate
-from audiokd_lib.audio import save_audio
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import CRNNParams, load_params
-from audiokd_lib.render import GROUPS, OPENMIC_CLASSES
+from audiokd_lib.data.taxonomy import GROUPS, OPENMIC_CLASSES
+from audiokd_lib.experiment.params import CRNNParams, load_params
+from audiokd_lib.models import checkpoints, students
+from audiokd_lib.separation import crnn, quality, separator, stem_selection
 
 RATE = 8000
 TINY = CRNNParams(n_fft=64, hop=32, channels=[4, 8], hidden=8, epochs=8, time_budget_s=None, patience=8,
                   batch_size=4, crop_seconds=0.5, lr=0.01)
 
 
-def tiny_crnn(seed: int = 0) -> separate.MaskCRNN:
-    return separate.build_crnn(TINY, RATE, seed=seed)
+def tiny_crnn(seed: int = 0) -> crnn.MaskCRNN:
+    return crnn.build_crnn(TINY, RATE, seed=seed)
 
 
 def group_signals(rng: np.random.Generator, seconds: float, silent: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
@@ -66,7 +67,7 @@ def tiny_demucs_repo(folder):
     from demucs.states import get_state, save_with_checksum
 
     torch.manual_seed(0)
-    model = HTDemucs(sources=list(separate.FOUR_STEMS), channels=4, depth=2, nfft=256, t_layers=1, t_heads=2,
+    model = HTDemucs(sources=list(crnn.FOUR_STEMS), channels=4, depth=2, nfft=256, t_layers=1, t_heads=2,
                      dconv_mode=0, samplerate=RATE, segment=1)
     args, kwargs = model._init_args_kwargs
     # What demucs.states.serialize_model writes, less its OmegaConf training arguments.
@@ -97,58 +98,58 @@ def test_crnn_shapes_masks_and_stems_that_add_up():
 
 def test_training_lowers_the_loss_resumes_and_round_trips(pieces, tmp_path):
     model = tiny_crnn()
-    val = [separate.load_piece(m, model.sources, RATE) for m in pieces.loc[pieces.split == "val", "path"]]
-    before = separate.validation_loss(model, val)
+    val = [crnn.load_piece(m, model.sources, RATE) for m in pieces.loc[pieces.split == "val", "path"]]
+    before = crnn.validation_loss(model, val)
     rows = []
-    result = separate.train_crnn(model, pieces[pieces.split == "train"], pieces[pieces.split == "val"], TINY,
+    result = crnn.train_crnn(model, pieces[pieces.split == "train"], pieces[pieces.split == "val"], TINY,
                                  tmp_path / "run", on_epoch=rows.append, progress=False)
     assert len(rows) == TINY.epochs and result.stopped == "epochs"
     assert result.best_val_loss < 0.9 * before
-    assert separate.validation_loss(model, val) == pytest.approx(result.best_val_loss, rel=1e-5)
+    assert crnn.validation_loss(model, val) == pytest.approx(result.best_val_loss, rel=1e-5)
 
-    loaded = separate.load_crnn(result.checkpoint)
+    loaded = crnn.load_crnn(result.checkpoint)
     mix = torch.randn(1, 1, 4000)
     with torch.no_grad():
         assert torch.allclose(loaded(mix), model.eval()(mix), atol=1e-6)
     # A longer schedule resumes from last.pt instead of starting over.
     more = TINY.model_copy(update={"epochs": TINY.epochs + 1})
-    resumed = separate.train_crnn(tiny_crnn(), pieces[pieces.split == "train"], pieces[pieces.split == "val"], more,
+    resumed = crnn.train_crnn(tiny_crnn(), pieces[pieces.split == "train"], pieces[pieces.split == "val"], more,
                                   tmp_path / "run", progress=False)
     assert len(resumed.history) == TINY.epochs + 1
     with pytest.raises(ValueError, match="other settings"):
-        separate.train_crnn(separate.build_crnn(TINY.model_copy(update={"hidden": 4}), RATE),
+        crnn.train_crnn(crnn.build_crnn(TINY.model_copy(update={"hidden": 4}), RATE),
                             pieces[pieces.split == "train"], pieces[pieces.split == "val"], more, tmp_path / "run")
 
 
 def test_time_budget_stops_training(pieces, tmp_path):
     budget = TINY.model_copy(update={"time_budget_s": 1e-3})
-    result = separate.train_crnn(tiny_crnn(), pieces[pieces.split == "train"], pieces[pieces.split == "val"],
+    result = crnn.train_crnn(tiny_crnn(), pieces[pieces.split == "train"], pieces[pieces.split == "val"],
                                  budget, tmp_path / "run", progress=False)
     assert result.stopped == "time budget" and result.history["steps"].tolist() == [1]
-    assert separate.load_crnn(result.checkpoint).spec == tiny_crnn().spec
+    assert crnn.load_crnn(result.checkpoint).spec == tiny_crnn().spec
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such separator checkpoint"):
-        separate.load_crnn(tmp_path / "nope.pt")
+        crnn.load_crnn(tmp_path / "nope.pt")
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not an audiokd separator"):
-        separate.load_crnn(bad)
+        crnn.load_crnn(bad)
 
 
 # --------------------------------------------------------------------------- scores
 
 
 def test_sdr_floor_and_ceiling(pieces):
-    mixture, references = separate.load_piece(pieces.path[3], GROUPS, RATE)
+    mixture, references = crnn.load_piece(pieces.path[3], GROUPS, RATE)
     assert torch.equal(references.sum(dim=0), mixture)  # the mixture is the exact sum of its groups
     drums = references[0].numpy()
-    assert separate.sdr(drums, drums) > 60
-    irm = separate.ideal_ratio_mask(mixture, references, TINY.n_fft, TINY.hop)
-    assert separate.sdr(drums, irm[0].numpy()) > separate.sdr(drums, mixture.numpy())
+    assert quality.sdr(drums, drums) > 60
+    irm = quality.ideal_ratio_mask(mixture, references, TINY.n_fft, TINY.hop)
+    assert quality.sdr(drums, irm[0].numpy()) > quality.sdr(drums, mixture.numpy())
 
-    scores = separate.evaluate(pieces[pieces.split == "test"], {"crnn": tiny_crnn()}, TINY.n_fft, TINY.hop, RATE,
+    scores = quality.evaluate(pieces[pieces.split == "test"], {"crnn": tiny_crnn()}, TINY.n_fft, TINY.hop, RATE,
                                progress=False)
     table = scores.table()
     assert list(table.index) == ["mixture", "ideal ratio mask", "crnn"]
@@ -161,13 +162,13 @@ def test_sdr_floor_and_ceiling(pieces):
 
 
 def test_mapping_for_four_and_six_stems():
-    table = separate.mapping_table().set_index("class")
+    table = stem_selection.mapping_table().set_index("class")
     assert list(table.index) == list(OPENMIC_CLASSES)
     assert table.loc["voice"].tolist() == ["vocals", "vocals"] and table.loc["cymbals"].tolist() == ["drums", "drums"]
     assert table.loc["guitar"].tolist() == ["other", "guitar"] and table.loc["piano"].tolist() == ["other", "piano"]
     assert table.loc["flute"].tolist() == ["other", "other"]
-    four = separate.mapping_limits(separate.stem_mapping(separate.FOUR_STEMS), separate.FOUR_STEMS)
-    six = separate.mapping_limits(separate.stem_mapping(separate.SIX_STEMS), separate.SIX_STEMS)
+    four = stem_selection.mapping_limits(stem_selection.stem_mapping(crnn.FOUR_STEMS), crnn.FOUR_STEMS)
+    six = stem_selection.mapping_limits(stem_selection.stem_mapping(separator.SIX_STEMS), separator.SIX_STEMS)
     assert any("guitar is inside 'other'" in line for line in four)
     assert not any("guitar is inside" in line for line in six)
     assert any("several instruments share 'other'" in line for line in four + six)
@@ -175,23 +176,23 @@ def test_mapping_for_four_and_six_stems():
 
 def test_select_stems_with_reasons():
     scores = {"voice": 0.9, "guitar": 0.7, "flute": 0.6, "drums": 0.2, "bass": 0.1}
-    four = separate.select_stems(scores, 0.5, separate.FOUR_STEMS)
+    four = stem_selection.select_stems(scores, 0.5, crnn.FOUR_STEMS)
     assert four.chosen == ["other", "vocals"]
     assert "guitar 0.70" in four.reasons["other"] and "flute 0.60" in four.reasons["other"]
     assert "best: drums 0.20" in four.reasons["drums"]
-    six = separate.select_stems(scores, 0.5, separate.SIX_STEMS)
+    six = stem_selection.select_stems(scores, 0.5, separator.SIX_STEMS)
     assert six.chosen == ["other", "vocals", "guitar"]
-    assert separate.select_stems(scores, 0.5, separate.FOUR_STEMS, all_stems=True).chosen == list(separate.FOUR_STEMS)
-    unclassified = separate.select_stems(None, 0.5, separate.FOUR_STEMS)
-    assert unclassified.chosen == list(separate.FOUR_STEMS) and unclassified.threshold is None
-    assert separate.select_stems({}, 0.5, separate.FOUR_STEMS).chosen == []  # classified, nothing heard
+    assert stem_selection.select_stems(scores, 0.5, crnn.FOUR_STEMS, all_stems=True).chosen == list(crnn.FOUR_STEMS)
+    unclassified = stem_selection.select_stems(None, 0.5, crnn.FOUR_STEMS)
+    assert unclassified.chosen == list(crnn.FOUR_STEMS) and unclassified.threshold is None
+    assert stem_selection.select_stems({}, 0.5, crnn.FOUR_STEMS).chosen == []  # classified, nothing heard
 
 
 def test_write_selection_manifest_and_no_silent_overwrite(tmp_path):
-    stems = {s: torch.randn(2, 800) * 0.1 for s in separate.FOUR_STEMS}
-    separation = separate.Separation(stems, RATE)
-    selection = separate.select_stems({"voice": 0.9, "drums": 0.6}, 0.5, separate.FOUR_STEMS)
-    folder = separate.write_selection(tmp_path, "song", separation, selection, {"input": "song.wav"})
+    stems = {s: torch.randn(2, 800) * 0.1 for s in crnn.FOUR_STEMS}
+    separation = separator.Separation(stems, RATE)
+    selection = stem_selection.select_stems({"voice": 0.9, "drums": 0.6}, 0.5, crnn.FOUR_STEMS)
+    folder = stem_selection.write_selection(tmp_path, "song", separation, selection, {"input": "song.wav"})
     assert sorted(p.name for p in folder.iterdir()) == ["drums.wav", "manifest.json", "vocals.wav"]
     audio, rate = sf.read(folder / "vocals.wav", always_2d=True)
     assert rate == RATE and np.allclose(audio.T, stems["vocals"].numpy(), atol=1e-7)
@@ -199,12 +200,12 @@ def test_write_selection_manifest_and_no_silent_overwrite(tmp_path):
     assert manifest["chosen"] == ["drums", "vocals"] and manifest["scores"] == {"voice": 0.9, "drums": 0.6}
     assert manifest["mapping"]["guitar"] == "other" and manifest["input"] == "song.wav"
     assert any("guitar is inside 'other'" in line for line in manifest["limits"])
-    assert set(manifest["reasons"]) == set(separate.FOUR_STEMS)
+    assert set(manifest["reasons"]) == set(crnn.FOUR_STEMS)
 
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        separate.write_selection(tmp_path, "song", separation, selection)
-    fewer = separate.select_stems({"voice": 0.9}, 0.5, separate.FOUR_STEMS)
-    separate.write_selection(tmp_path, "song", separation, fewer, overwrite=True)
+        stem_selection.write_selection(tmp_path, "song", separation, selection)
+    fewer = stem_selection.select_stems({"voice": 0.9}, 0.5, crnn.FOUR_STEMS)
+    stem_selection.write_selection(tmp_path, "song", separation, fewer, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "vocals.wav"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
@@ -214,22 +215,22 @@ def test_write_selection_manifest_and_no_silent_overwrite(tmp_path):
 
 def test_demucs_from_a_local_folder(tmp_path):
     repo = tiny_demucs_repo(tmp_path / "demucs")
-    model = separate.load_demucs("tinysig", repo)
-    bag = separate.load_demucs("tinybag", repo)
-    assert separate.max_segment(model) == 1 and separate.max_segment(bag) == 1
+    model = separator.load_demucs("tinysig", repo)
+    bag = separator.load_demucs("tinybag", repo)
+    assert separator.max_segment(model) == 1 and separator.max_segment(bag) == 1
     calls = []
     model.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[-1]))
     wave = 0.1 * torch.randn(1, round(3.5 * 16000))  # mono, another rate, 3.5 segments long
-    result = separate.separate(model, wave, 16000, segment_seconds=5.0)  # more than HTDemucs allows: capped
-    assert list(result.stems) == list(separate.FOUR_STEMS) and result.sample_rate == RATE
+    result = separator.separate(model, wave, 16000, segment_seconds=5.0)  # more than HTDemucs allows: capped
+    assert list(result.stems) == list(crnn.FOUR_STEMS) and result.sample_rate == RATE
     assert all(stem.shape == (2, round(3.5 * RATE)) for stem in result.stems.values())
     assert len(calls) > 3 and max(calls) <= RATE  # segment by segment, never the whole file
-    assert separate.separate(bag, wave, 16000).stems["vocals"].shape == (2, round(3.5 * RATE))
+    assert separator.separate(bag, wave, 16000).stems["vocals"].shape == (2, round(3.5 * RATE))
 
     with pytest.raises(ValueError, match=r"tinysig-.*\.th"):
-        separate.load_demucs("missing", repo)
+        separator.load_demucs("missing", repo)
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        separate.load_demucs("tinysig", tmp_path / "nowhere")
+        separator.load_demucs("tinysig", tmp_path / "nowhere")
 
 
 # --------------------------------------------------------------------------- the command line
@@ -244,14 +245,14 @@ def profile(tmp_path):
 
 @pytest.fixture
 def crnn_checkpoint(tmp_path):
-    return separate.save_crnn(tiny_crnn(), tmp_path / "crnn.pt")
+    return crnn.save_crnn(tiny_crnn(), tmp_path / "crnn.pt")
 
 
 @pytest.fixture
 def classifier(profile, tmp_path):
     stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = models.build_student(load_params(profile), list(OPENMIC_CLASSES), stats, multilabel=True)
-    return models.save_checkpoint(model.eval(), tmp_path / "tagger.pt")
+    model = students.build_student(load_params(profile), list(OPENMIC_CLASSES), stats, multilabel=True)
+    return checkpoints.save_checkpoint(model.eval(), tmp_path / "tagger.pt")
 
 
 def test_cli_selects_stems_and_never_overwrites_silently(profile, crnn_checkpoint, classifier, tmp_path, capsys):
@@ -284,12 +285,12 @@ def test_cli_bad_silent_and_long_inputs(profile, crnn_checkpoint, tmp_path, caps
 
     # Ten minutes go through in 10 s segments: the network never holds the whole file.
     seconds, lengths = 600, []
-    forward = separate.MaskCRNN.forward
-    monkeypatch.setattr(separate.MaskCRNN, "forward", lambda self, mix: lengths.append(mix.shape[-1]) or
+    forward = crnn.MaskCRNN.forward
+    monkeypatch.setattr(crnn.MaskCRNN, "forward", lambda self, mix: lengths.append(mix.shape[-1]) or
                         forward(self, mix))
     long = save_audio(tmp_path / "long.wav", 0.1 * torch.randn(1, seconds * RATE), RATE)
     assert main(["separate", str(long), *command]) == 0
-    assert max(lengths) <= separate.CRNN_SEGMENT_SECONDS * RATE and len(lengths) > seconds / 10
+    assert max(lengths) <= separator.CRNN_SEGMENT_SECONDS * RATE and len(lengths) > seconds / 10
     assert sf.info(out / "long" / "vocals.wav").frames == seconds * RATE
     manifest = json.loads((out / "long" / "manifest.json").read_text())
     assert manifest["threshold"] is None and manifest["classifier"] is None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchaudio
 
-from audiokd_lib.teachers import (
+from audiokd_lib.models.teachers import (
     OPENMIC_TO_AUDIOSET,
     ASTFrontend,
     audioset_labels,
@@ -25,7 +25,7 @@ from audiokd_lib.teachers import (
     replace_head,
     set_trainable,
 )
-from audiokd_lib.weights import AUDIOSET_LABELS, MN04_AS, fetch
+from audiokd_lib.models.weights import AUDIOSET_LABELS, MN04_AS, fetch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -160,7 +160,7 @@ def test_replace_head_keeps_the_body():
 
 
 def test_every_openmic_class_has_its_audioset_output():
-    from audiokd_lib.render import OPENMIC_CLASSES
+    from audiokd_lib.data.taxonomy import OPENMIC_CLASSES
 
     labels = audioset_labels(fetch(AUDIOSET_LABELS, weights_dir=weights_dir(), download=False))
     assert set(OPENMIC_TO_AUDIOSET) == set(OPENMIC_CLASSES)
@@ -178,7 +178,7 @@ def test_every_openmic_class_has_its_audioset_output():
 
 
 def test_calibration_moves_the_threshold_and_keeps_the_ranking():
-    from audiokd_lib.metrics import classification_metrics
+    from audiokd_lib.experiment.metrics import classification_metrics
 
     gen = torch.Generator().manual_seed(0)
     targets = (torch.rand(300, 3, generator=gen) < 0.4).float()

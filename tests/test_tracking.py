@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, write_profile
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from audiokd_lib import tracking
-from audiokd_lib.params import Params, load_params
+from audiokd_lib.experiment import tracking
+from audiokd_lib.experiment.params import Params, load_params
 
 
 def profile_in(folder: Path, name: str = "smoke") -> tuple[Params, Path]:

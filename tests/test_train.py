@@ -6,10 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audiokd_lib import models, train
-from audiokd_lib.features import NormStats
-from audiokd_lib.params import load_params
-from audiokd_lib.train import FeatureAugment, FeatureSet, distillation_loss, fit
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.compress import distill
+from audiokd_lib.compress.distill import distillation_loss
+from audiokd_lib.experiment import training
+from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.training import FeatureAugment, FeatureSet, fit
+from audiokd_lib.models import checkpoints, students
 
 
 def test_distillation_loss_matches_a_direct_computation():
@@ -38,8 +41,8 @@ def test_distillation_loss_limits():
 def test_soft_targets_round_trip_to_logits():
     z = torch.randn(3, 4) * 4
     for multilabel in (False, True):
-        probs = train._soft_targets(z, 3.0, multilabel)
-        again = train._soft_targets(train._logits_at(probs, 3.0, multilabel), 3.0, multilabel)
+        probs = distill.soft_targets(z, 3.0, multilabel)
+        again = distill.soft_targets(distill.logits_at(probs, 3.0, multilabel), 3.0, multilabel)
         assert torch.allclose(probs, again, atol=1e-5)
 
 
@@ -62,7 +65,7 @@ def tiny(smoke_profile):
 
 def test_feature_augment_keeps_shapes_and_label_mass(tiny):
     params, classes, stats, data = tiny
-    model = models.build_student(params, classes, stats)
+    model = students.build_student(params, classes, stats)
     aug = FeatureAugment(params, model, seed=0, kinds=["gain", "noise", "specaugment", "mixup"], crop_frames=25)
     probs = torch.softmax(torch.randn(16, 4), 1)
     x, y, extra = aug(data.features[:16], data.targets[:16], probs)
@@ -80,7 +83,7 @@ def test_fit_learns_restores_the_best_epoch_and_resumes_exactly(tiny, tmp_path):
 
     def run(folder, on_epoch=None):
         torch.manual_seed(0)
-        model = models.build_student(params, classes, stats)
+        model = students.build_student(params, classes, stats)
         result = fit(model, data, data, tp.model_copy(update={"epochs": 4}), params, 0, tmp_path / folder,
                      on_epoch=on_epoch, progress=False)
         return model, result
@@ -103,22 +106,22 @@ def test_fit_learns_restores_the_best_epoch_and_resumes_exactly(tiny, tmp_path):
 
 def test_checkpoint_rebuilds_the_same_model(tiny, tmp_path):
     params, classes, stats, _ = tiny
-    model = models.build_student(params, classes, NormStats(torch.randn(128), torch.rand(128) + 0.5, 1, [], "f", "d"))
-    path = models.save_checkpoint(model.eval(), tmp_path / "model.pt")
-    again = models.load_checkpoint(path)
+    model = students.build_student(params, classes, NormStats(torch.randn(128), torch.rand(128) + 0.5, 1, [], "f", "d"))
+    path = checkpoints.save_checkpoint(model.eval(), tmp_path / "model.pt")
+    again = checkpoints.load_checkpoint(path)
     wave = torch.randn(2, 16000)
     assert torch.allclose(model(wave), again(wave), atol=1e-6)
     assert again.classes == classes and again.spec["kind"] == "student"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pt: not an audiokd checkpoint"):
-        models.load_checkpoint(tmp_path / "junk.pt")
+        checkpoints.load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_an_unstructured_pruned_model_keeps_its_zeros_while_it_trains(tiny, tmp_path):
-    from audiokd_lib import prune
+    from audiokd_lib.compress import prune
 
     params, classes, stats, data = tiny
-    sparse = prune.prune_unstructured(models.build_student(params, classes, stats, seed=0), 0.6)
+    sparse = prune.prune_unstructured(students.build_student(params, classes, stats, seed=0), 0.6)
     zeros_before = prune.sparsity(sparse)["weight_sparsity"]
     fit(sparse, data, data, params.train.model_copy(update={"epochs": 1}), params, 0, tmp_path, progress=False)
     assert prune.sparsity(sparse)["weight_sparsity"] == pytest.approx(zeros_before)
@@ -137,11 +140,11 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
         sf.write(paths[-1], np.random.default_rng(i).normal(0, 0.1, 16000).astype(np.float32), 16000)
     table = pd.DataFrame({"path": paths, "labels": ["bass|drums", "piano", "drums|piano|bass"], "split": "train"})
     stats = NormStats(torch.zeros(128), torch.ones(128), 1, [], "f", "d")
-    model = models.build_student(params, classes, stats, multilabel=True)
-    data = train.cached_features(params, table, "train", model, "test-key", classes, progress=False)
+    model = students.build_student(params, classes, stats, multilabel=True)
+    data = training.cached_features(params, table, "train", model, "test-key", classes, progress=False)
     assert data.multilabel and data.targets.dtype == torch.float32
     assert data.targets.tolist() == [[1, 1, 0], [0, 0, 1], [1, 1, 1]]
-    again = train.cached_features(params, table, "train", model, "test-key", classes, progress=False)  # the cache
+    again = training.cached_features(params, table, "train", model, "test-key", classes, progress=False)  # the cache
     assert torch.equal(again.targets, data.targets) and torch.equal(again.features, data.features)
     # Multi-hot rows go through mixup (as a union), a distillation fit and mAP like class indices do.
     tp = params.train.model_copy(update={"epochs": 1, "batch_size": 3, "crop_seconds": 0.5})
@@ -150,4 +153,4 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
     assert result.metric == "mAP" and 0.0 <= result.best_score <= 1.0
     unknown = table.assign(labels_unknown=["", "bass", ""])
     with pytest.raises(ValueError, match="labels_unknown"):
-        train.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)
+        training.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import FileServer
 
-from audiokd_lib.weights import WeightsFile, WeightsNotFound, fetch, search_dirs, sha256_of
+from audiokd_lib.files import file_digest
+from audiokd_lib.models.weights import WeightsFile, WeightsNotFound, fetch, search_dirs
 
 PAYLOAD = bytes(range(256)) * 400  # 100 kB: several download chunks are not needed, a resume point is
 
@@ -38,7 +39,7 @@ def test_download_checks_hash_and_then_uses_the_cache(server: FileServer, cache:
     wf = weights_file(server.url("/file.bin"))
     path = fetch(wf, progress=False)
     assert path == cache / "file.bin" and path.read_bytes() == PAYLOAD
-    assert sha256_of(path) == wf.sha256
+    assert file_digest(path) == wf.sha256
     assert not (cache / "file.bin.part").exists()
     server.stop()
     assert fetch(wf, progress=False) == path  # no network needed the second time
@@ -60,7 +61,7 @@ def test_corrupted_local_copy_is_refused_not_replaced(server: FileServer, cache:
     wf = weights_file(server.url("/file.bin"))
     with pytest.raises(ValueError, match="file.bin") as err:
         fetch(wf, weights_dir=local, progress=False)
-    assert wf.sha256 in str(err.value) and sha256_of(local / "file.bin") in str(err.value)
+    assert wf.sha256 in str(err.value) and file_digest(local / "file.bin") in str(err.value)
     assert (local / "file.bin").read_bytes().endswith(b"x") and server.ranges == []
 
 

@@ -1,0 +1,223 @@
+"""Datasets as one table of clips: path, labels, split, source.
+
+Whatever the origin (notes rendered here, pieces with stems, or a real TinySOL / IRMAS / OpenMIC /
+ESC-50 subset downloaded by `datasets`), every later notebook sees the same table, saved under
+outputs/<profile>/data/. Real datasets bring their own splits (see `datasets`); for rendered data
+the splits are decided here, once:
+
+- `train` / `val` / `test` come from the training soundfonts. All dynamics of one instrument's pitch
+  land in the same split: a pp and an ff of the same note are near-copies, and letting one into
+  training and the other into test would flatter the in-domain score.
+- `heldout` is every clip rendered with the held-out soundfont: instruments the model knows, played
+  by samples it has never heard. It measures generalisation to unseen timbres, and is never trained
+  or tuned on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from audiokd_lib.data import synth
+from audiokd_lib.data.notes import NotesReport, read_tinysol_metadata, render_notes
+from audiokd_lib.data.pieces import PiecesReport, read_pieces, render_pieces
+from audiokd_lib.data.real import RealData
+from audiokd_lib.experiment.params import DataParams, Params
+from audiokd_lib.files import write_csv, write_json
+
+FALLBACK_SOUNDFONT = "TimGM6mb"  # ships inside the pretty_midi wheel, so pip alone provides it
+
+
+@dataclass
+class SoundfontPlan:
+    """Which soundfont files play which role, and what had to be substituted on this machine."""
+
+    train: dict[str, Path]
+    heldout: tuple[str, Path] | None
+    notices: list[str] = field(default_factory=list)
+
+
+def plan_soundfonts(dp: DataParams) -> SoundfontPlan:
+    """Find the profile's soundfonts; substitute TimGM6mb for missing ones only if allowed, and say so."""
+    notices: list[str] = []
+
+    def find(name: str) -> Path | None:
+        path = synth.find_soundfont(name)
+        if path is None and not dp.allow_fallback_soundfont:
+            synth.require_soundfont(name)  # raises, saying where it looked and what to install
+        if path is None:
+            notices.append(f"soundfont {name} is not installed: {synth.install_hint(name)}")
+        return path
+
+    train = {name: path for name in dp.train_soundfonts if (path := find(name)) is not None}
+    if not train:
+        train = {FALLBACK_SOUNDFONT: synth.require_soundfont(FALLBACK_SOUNDFONT)}
+        notices.append(f"training soundfonts replaced by {FALLBACK_SOUNDFONT} (lower quality)")
+    heldout = None
+    if dp.heldout_soundfont is not None:
+        path = find(dp.heldout_soundfont)
+        if path is not None and dp.heldout_soundfont not in train:
+            heldout = (dp.heldout_soundfont, path)
+        elif path is None and FALLBACK_SOUNDFONT not in train:
+            heldout = (FALLBACK_SOUNDFONT, synth.require_soundfont(FALLBACK_SOUNDFONT))
+            notices.append(f"held-out soundfont replaced by {FALLBACK_SOUNDFONT}")
+        else:
+            notices.append("no held-out soundfont left that differs from the training ones: no `heldout` split")
+    return SoundfontPlan(train, heldout, notices)
+
+
+def data_dir(params: Params) -> Path:
+    """Folder holding the profile's rendered or downloaded data."""
+    return params.output_dir / "data"
+
+
+def render_notes_dataset(params: Params, plan: SoundfontPlan, progress: bool = True) -> NotesReport:
+    """Render (or resume rendering) the single-note dataset of the profile."""
+    dp = params.data
+    soundfonts = dict(plan.train)
+    if plan.heldout is not None:
+        soundfonts[plan.heldout[0]] = plan.heldout[1]
+    return render_notes(
+        data_dir(params) / "notes", soundfonts, instruments=dp.notes.instruments, dynamics=dp.notes.dynamics,
+        pitch_step=dp.notes.pitch_step, seconds=dp.notes.seconds, sample_rate=dp.sample_rate,
+        backend=dp.synth, progress=progress,
+    )
+
+
+def render_pieces_dataset(params: Params, plan: SoundfontPlan, progress: bool = True) -> list[PiecesReport]:
+    """Render (or resume) the pieces with stems: training soundfonts, then the held-out one."""
+    dp, reports = params.data, []
+    jobs = [(name, path, dp.pieces.count) for name, path in plan.train.items()]
+    if plan.heldout is not None:
+        jobs.append((*plan.heldout, dp.pieces.heldout_count))
+    first_index = 0
+    for name, path, count in jobs:
+        if count == 0:
+            continue
+        # Consecutive indices: every piece, held-out ones included, is a different composition.
+        reports.append(render_pieces(
+            data_dir(params) / "pieces" / name, name, path, count=count, seconds=dp.pieces.seconds,
+            sample_rate=dp.pieces.sample_rate, seed=params.seed, first_index=first_index,
+            backend=dp.synth, progress=progress,
+        ))
+        first_index += count
+    return reports
+
+
+def _start_splits(table: pd.DataFrame, heldout: str | None) -> tuple[pd.DataFrame, pd.Series]:
+    table = table.copy()
+    is_heldout = table["soundfont"] == heldout
+    table["split"] = np.where(is_heldout, "heldout", "train")
+    return table, is_heldout
+
+
+def split_notes(table: pd.DataFrame, val_fraction: float, test_fraction: float, heldout: str | None,
+                seed: int) -> pd.DataFrame:
+    """Assign train/val/test by (instrument, pitch) groups within each label; heldout by soundfont."""
+    rng = np.random.default_rng(seed)
+    table, is_heldout = _start_splits(table, heldout)
+    for _, rows in table[~is_heldout].groupby("label", sort=True):
+        pitches = rng.permutation(np.sort(rows["pitch_id"].unique()))
+        n_test = round(len(pitches) * test_fraction)
+        n_val = round(len(pitches) * val_fraction)
+        test, val = set(pitches[:n_test]), set(pitches[n_test:n_test + n_val])
+        table.loc[rows.index[rows["pitch_id"].isin(test)], "split"] = "test"
+        table.loc[rows.index[rows["pitch_id"].isin(val)], "split"] = "val"
+    return table
+
+
+def split_pieces(table: pd.DataFrame, val_fraction: float, test_fraction: float, heldout: str | None,
+                 seed: int) -> pd.DataFrame:
+    """Assign train/val/test to whole pieces at random; held-out-soundfont pieces to heldout."""
+    rng = np.random.default_rng(seed)
+    table, is_heldout = _start_splits(table, heldout)
+    order = rng.permutation(table.index[~is_heldout].to_numpy().copy())  # pandas may hand out a read-only view
+    n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
+    table.loc[order[:n_test], "split"] = "test"
+    table.loc[order[n_test:n_test + n_val], "split"] = "val"
+    return table
+
+
+def fingerprint(table: pd.DataFrame) -> str:
+    """Short hash of what a model learns from: each clip's file, labels and split."""
+    label_column = "label" if "label" in table else "labels"
+    rows = table.sort_values("path")[["path", label_column, "split"]].astype(str)
+    blob = "\n".join("\t".join(row) for row in rows.itertuples(index=False))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _relative(table: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Paths inside the profile folder made relative to it; others (the download cache) stay absolute."""
+    table, root = table.copy(), root.resolve()
+    for column in ("path", "stems_dir"):
+        if column in table:
+            paths = [Path(p).resolve() for p in table[column]]
+            table[column] = [str(p.relative_to(root) if p.is_relative_to(root) else p) for p in paths]
+    return table
+
+
+def save_clip_table(params: Params, table: pd.DataFrame, name: str) -> Path:
+    """Save a clip table under outputs/<profile>/data/, paths relative to the profile folder where they lie in it."""
+    return write_csv(data_dir(params) / f"{name}.csv", _relative(table, params.output_dir))
+
+
+def load_clip_table(params: Params, name: str = "clips") -> pd.DataFrame:
+    """Read a clip table saved by notebook 01 ('clips' for notes, 'pieces' for pieces)."""
+    path = data_dir(params) / f"{name}.csv"
+    if not path.is_file():
+        hint = (" (data.dataset openmic gives only the multi-label table openmic.csv: notebooks 02-07 need a "
+                "single-label dataset)" if params.data.dataset == "openmic" and name == "clips" else "")
+        raise FileNotFoundError(f"{path}: no clip table yet; run notebook 01_data for profile {params.profile} first{hint}")
+    table = pd.read_csv(path, keep_default_na=False)
+    for column in ("path", "stems_dir"):
+        if column in table:
+            table[column] = [str(params.output_dir / p) for p in table[column]]
+    return table
+
+
+def build_clip_tables(params: Params, plan: SoundfontPlan, real: RealData | None = None
+                      ) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """Save clips.csv (the rendered notes, split here, or `real`'s single-label table), pieces.csv and a manifest.
+
+    A real dataset's multi-label tables are saved under their own names (e.g. openmic.csv). Returns
+    the clips table (None when the real dataset has no single-label table) and the pieces table.
+    """
+    dp, heldout = params.data, plan.heldout[0] if plan.heldout else None
+    extra = {} if real is None else {name: t for name, t in real.tables.items() if name != "clips"}
+    if real is None:
+        notes = read_tinysol_metadata(data_dir(params) / "notes")
+        notes = split_notes(notes, dp.notes.val_fraction, dp.notes.test_fraction, heldout, params.seed)
+    else:
+        notes = real.tables.get("clips")
+    pieces_root = data_dir(params) / "pieces"
+    piece_tables = [read_pieces(folder) for folder in sorted(pieces_root.glob("*")) if folder.is_dir()]
+    pieces = pd.concat(piece_tables, ignore_index=True) if piece_tables else pd.DataFrame(
+        columns=["path", "labels", "soundfont", "source", "sample_key", "stems_dir"])
+    pieces = split_pieces(pieces, dp.pieces.val_fraction, dp.pieces.test_fraction, heldout, params.seed)
+    if notes is not None:
+        save_clip_table(params, notes, "clips")
+    else:  # a clips.csv of an earlier run would be trained on by mistake
+        (data_dir(params) / "clips.csv").unlink(missing_ok=True)
+    for name, table in extra.items():
+        save_clip_table(params, table, name)
+    save_clip_table(params, pieces, "pieces")
+    write_json(data_dir(params) / "manifest.json", {
+        "profile": params.profile,
+        "dataset": dp.dataset,
+        "download": None if real is None else {key: real.manifest[key] for key in (
+            "title", "licence", "record", "request", "classes", "archives", "fetched_bytes", "too_long")},
+        "tables": {name: {"rows": len(t), "fingerprint": fingerprint(t) if len(t) else None,
+                          "splits": t["split"].value_counts().to_dict()} for name, t in extra.items()},
+        "train_soundfonts": {name: str(path) for name, path in plan.train.items()},
+        "heldout_soundfont": heldout,
+        "notices": plan.notices,
+        "clips": None if notes is None else {"rows": len(notes), "fingerprint": fingerprint(notes),
+                                             "splits": notes["split"].value_counts().to_dict()},
+        "pieces": {"rows": len(pieces), "fingerprint": fingerprint(pieces) if len(pieces) else None,
+                   "splits": pieces["split"].value_counts().to_dict()},
+    })
+    return notes, pieces

@@ -1,0 +1,378 @@
+"""One parameter file per profile (params/<profile>.yaml), read and checked in one place.
+
+Every notebook and command reads its settings through :func:`load_params`. The schema below is the
+single list of what a profile may say; a key it does not know (a typo) or a value it does not accept
+(an unknown dataset name) stops everything at once with the key named, before minutes of work are
+spent on the wrong settings. pydantic does the checking because its errors carry the exact path of
+the offending key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from audiokd_lib.files import project_root
+
+
+class ParamsError(ValueError):
+    """A parameter file that cannot be used, with the file and key named."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NotesParams(_Section):
+    """Single rendered notes, the TinySOL-like classification task."""
+
+    instruments: list[str] | Literal["all"] = "all"  # TinySOL abbreviations, e.g. [Fl, Vn, TpC]
+    dynamics: list[Literal["pp", "mf", "ff"]] = ["pp", "mf", "ff"]
+    pitch_step: int = Field(1, ge=1, description="semitones between rendered pitches")
+    seconds: float = Field(2.0, ge=0.5, le=10.0)
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+
+
+class PiecesParams(_Section):
+    """Procedural multi-instrument pieces with exact stems, the Slakh/MUSDB-like task."""
+
+    count: int = Field(200, ge=0, description="pieces rendered with the training soundfonts")
+    heldout_count: int = Field(40, ge=0, description="pieces rendered with the held-out soundfont")
+    seconds: float = Field(10.0, ge=2.0, le=60.0)
+    sample_rate: int = Field(22050, ge=8000)
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+
+
+class SubsetParams(_Section):
+    """Which part of a real dataset to download: classes, clips per class, longest clip."""
+
+    classes: list[str] | Literal["all"] = "all"  # the dataset's own class names or codes
+    files_per_class: int | None = Field(None, ge=1, description="null: every clip of each class")
+    max_seconds: float | None = Field(None, gt=0.0, description="longer clips are left out; null: no limit")
+
+
+class IrmasSubsetParams(SubsetParams):
+    testing_files: int = Field(50, ge=0, description="multi-label testing excerpts, besides the training clips")
+
+
+class DownloadParams(_Section):
+    """Real datasets: where they are cached, how many bytes may be fetched, and which subsets."""
+
+    cache_dir: str | None = None  # null: $AUDIOKD_CACHE/datasets, else ~/.cache/audiokd/datasets
+    budget_bytes: int = Field(1_000_000_000, ge=0, description="all downloads into the cache together")
+    base_url: str | None = None  # a mirror with the official paths (tests: a loopback server)
+    tinysol: SubsetParams = SubsetParams()
+    irmas: IrmasSubsetParams = IrmasSubsetParams(files_per_class=50)
+    openmic: SubsetParams = SubsetParams(files_per_class=25)
+    esc50: SubsetParams = SubsetParams(files_per_class=10)
+
+
+class DataParams(_Section):
+    # The clips notebooks 02-07 learn from: the rendered notes, or a real dataset downloaded by notebook 01.
+    dataset: Literal["rendered_notes", "tinysol", "irmas", "openmic", "esc50"] = "rendered_notes"
+    sample_rate: int = Field(32000, ge=8000, description="rendering rate of the single notes")
+    synth: Literal["auto", "fluidsynth", "tinysoundfont"] = "auto"
+    train_soundfonts: list[str] = ["FluidR3_GM"]
+    heldout_soundfont: str | None = "MuseScore_General"
+    # Without the Debian soundfonts, render with TimGM6mb (shipped in pretty_midi) instead of
+    # failing; the substitution is printed and recorded in the data manifest.
+    allow_fallback_soundfont: bool = True
+    notes: NotesParams = NotesParams()
+    pieces: PiecesParams = PiecesParams()
+    downloads: DownloadParams = DownloadParams()
+
+
+class FeatureParams(_Section):
+    """Log-mel front end shared by every student."""
+
+    sample_rate: int = Field(32000, ge=8000)
+    clip_seconds: float = Field(2.0, gt=0.0, description="every clip is cut or padded to this")
+    n_fft: int = 1024
+    win_length: int = 800
+    hop_length: int = 320
+    n_mels: int = 128
+    f_min: float = 0.0
+    f_max: float = 15000.0
+    mel_scale: Literal["kaldi", "htk"] = "kaldi"  # kaldi: the filter bank the EfficientAT teacher knows
+    preemphasis: float = Field(0.97, ge=0.0, lt=1.0, description="0 turns it off")
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureParams:
+        if self.win_length > self.n_fft:
+            raise ValueError(f"win_length ({self.win_length}) must not exceed n_fft ({self.n_fft})")
+        if self.f_max > self.sample_rate / 2:
+            raise ValueError(f"f_max ({self.f_max}) is above Nyquist ({self.sample_rate / 2})")
+        return self
+
+
+class SpecAugmentParams(_Section):
+    freq_mask: int = Field(16, ge=0, description="widest frequency mask, in mel bins")
+    time_mask: int = Field(40, ge=0, description="widest time mask, in frames")
+    n_masks: int = Field(2, ge=0, description="masks of each kind per example")
+
+
+class MixupParams(_Section):
+    alpha: float = Field(0.3, gt=0.0, description="Beta(alpha, alpha) mixing weights")
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+def _ordered(section: _Section, *pairs: tuple[str, str]) -> None:
+    for low, high in pairs:
+        if getattr(section, low) > getattr(section, high):
+            raise ValueError(f"{low} ({getattr(section, low)}) must not exceed {high} ({getattr(section, high)})")
+
+
+class GainNoiseParams(_Section):
+    min_gain_db: float = -12.0
+    max_gain_db: float = 6.0
+    gain_p: float = Field(0.5, ge=0.0, le=1.0)
+    min_snr_db: float = 10.0
+    max_snr_db: float = 40.0
+    noise_p: float = Field(0.3, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> GainNoiseParams:
+        _ordered(self, ("min_gain_db", "max_gain_db"), ("min_snr_db", "max_snr_db"))
+        return self
+
+
+class RirParams(_Section):
+    min_rt60: float = Field(0.2, gt=0.0, description="seconds for the reverb tail to fall 60 dB")
+    max_rt60: float = Field(0.8, gt=0.0)
+    p: float = Field(0.3, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RirParams:
+        _ordered(self, ("min_rt60", "max_rt60"))
+        return self
+
+
+class CodecParams(_Section):
+    formats: list[Literal["mp3", "opus"]] = Field(["mp3", "opus"], min_length=1)
+    min_kbps: int = Field(32, ge=6, description="MP3 cannot go below 32 kb/s at 32 kHz and above")
+    max_kbps: int = Field(64, ge=6)
+    p: float = Field(0.2, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CodecParams:
+        _ordered(self, ("min_kbps", "max_kbps"))
+        return self
+
+
+class AugmentParams(_Section):
+    specaugment: SpecAugmentParams = SpecAugmentParams()
+    mixup: MixupParams = MixupParams()
+    gain_noise: GainNoiseParams = GainNoiseParams()
+    rir: RirParams = RirParams()
+    codec: CodecParams = CodecParams()
+
+
+class TrainParams(_Section):
+    """One training recipe: the baseline and distilled students share it, so only the loss differs."""
+
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-3, gt=0.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0, description="linear warm-up, then cosine decay to zero")
+    patience: int = Field(4, ge=1, description="epochs without a better validation score before stopping")
+    crop_seconds: float | None = Field(1.0, gt=0.0, description="random crop per example; None: whole clips")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    seeds: list[int] = Field([0], min_length=1, description="one run per seed; spread is reported")
+    augment: list[Literal["gain", "noise", "specaugment", "mixup"]] = ["gain", "noise", "specaugment", "mixup"]
+
+
+class TeacherParams(_Section):
+    """The large pretrained model whose knowledge the students receive."""
+
+    kind: Literal["efficientat", "ast"] = "efficientat"
+    # efficientat: a weights name (mn04_as); ast: a Hugging Face hub id or a local folder
+    checkpoint: str = "mn04_as"
+    weights_dir: str | None = None  # searched before $AUDIOKD_WEIGHTS and the download cache
+    download: bool = True           # fetch from the official URL (sha256-checked) when not found locally
+    finetune: Literal["head", "last_blocks", "all"] = "all"
+    last_blocks: int = Field(2, ge=1, description="blocks trained when finetune is last_blocks")
+    train: TrainParams = TrainParams(epochs=6, lr=1e-3, seeds=[0])
+
+
+class StudentParams(_Section):
+    """The small network trained from scratch, with and without a teacher."""
+
+    arch: Literal["mobilenet_v3_small", "mobilenet_v3_large", "mobilenet_v2"] = "mobilenet_v3_small"
+    width_mult: float = Field(0.5, gt=0.0, le=2.0)
+    bn_momentum: float = Field(0.1, gt=0.0, lt=1.0, description="torchvision's 0.01 is too slow for short runs")
+
+
+class KDParams(_Section):
+    """Hinton distillation: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * hard-label loss."""
+
+    temperature: float = Field(3.0, gt=0.0)
+    alpha: float = Field(0.7, ge=0.0, le=1.0)
+    modes: list[Literal["cached", "consistent"]] = Field(["cached", "consistent"], min_length=1)
+
+
+class PruneParams(_Section):
+    """Pruning the distilled student (notebook 06) and re-training what was pruned (notebook 07)."""
+
+    source: Literal["student-kd", "student-baseline"] = "student-kd"  # its best run by validation score
+    sparsities: list[float] = Field([0.3, 0.5, 0.7, 0.9], min_length=1, description="unstructured sweep")
+    channel_ratios: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="structured sweep")
+    importance: Literal["l1", "taylor"] = "l1"  # how channels are ranked for removal
+    sparsity: float = Field(0.7, gt=0.0, lt=1.0, description="the unstructured setting re-trained in 07")
+    channel_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
+    retrain: list[Literal["kd", "labels"]] = Field(["kd", "labels"], min_length=1)
+    train: TrainParams = TrainParams(epochs=5, lr=1e-3, warmup_epochs=0.5, seeds=[0])
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneParams:
+        for name in ("sparsities", "channel_ratios"):
+            bad = [v for v in getattr(self, name) if not 0.0 < v < 1.0]
+            if bad:
+                raise ValueError(f"prune.{name}: every value must lie strictly between 0 and 1, got {bad}")
+        return self
+
+
+class CRNNParams(_Section):
+    """The mask CRNN separator trained on the rendered pieces (notebook 08)."""
+
+    n_fft: int = Field(1024, ge=16, description="STFT size; n_fft // 2 must halve len(channels) times")
+    hop: int = Field(256, ge=1)
+    channels: list[int] = Field([16, 32, 64, 64], min_length=1, description="encoder widths, one per block")
+    hidden: int = Field(128, ge=1, description="GRU units per direction")
+    epochs: int = Field(30, ge=1)
+    time_budget_s: float | None = Field(600.0, gt=0.0, description="training stops after this; null: no limit")
+    patience: int = Field(4, ge=1, description="epochs without a lower validation loss before stopping")
+    steps_per_epoch: int | None = Field(None, ge=1, description="steps between validations; null: one pass "
+                                        "over the training audio")
+    batch_size: int = Field(8, ge=1)
+    crop_seconds: float = Field(3.0, gt=0.0, description="length of each remixed training example")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate, constant")
+    weight_decay: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> CRNNParams:
+        if self.hop > self.n_fft:
+            raise ValueError(f"hop ({self.hop}) must not exceed n_fft ({self.n_fft})")
+        if (self.n_fft // 2) % 2 ** len(self.channels):
+            raise ValueError(f"n_fft // 2 ({self.n_fft // 2}) must be divisible by 2 ** len(channels) "
+                             f"({2 ** len(self.channels)}): each encoder block halves the frequency axis")
+        return self
+
+
+class SeparationParams(_Section):
+    """Separating stems and keeping those of the instruments the classifier hears (notebook 08)."""
+
+    separator: Literal["crnn", "demucs"] = "crnn"
+    demucs_name: str = "htdemucs"  # htdemucs: 4 stems; htdemucs_6s adds guitar and piano
+    demucs_repo: str | None = None  # a folder of Demucs weights; null: the official download
+    segment_seconds: float | None = Field(None, gt=0.0, description="null: the model's own (HTDemucs: 7.8 s)")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="share of each segment cross-faded with the next")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="probability at which an instrument counts as heard")
+    eval_pieces: int | None = Field(None, ge=1, description="pieces of each of test and heldout scored by SDR; "
+                                    "null: all")
+    crnn: CRNNParams = CRNNParams()
+    # The multi-label instrument detector: the student, trained on the pieces, distilled from mn04 zero-shot.
+    detector: TrainParams = TrainParams(epochs=20, crop_seconds=3.0, seeds=[0])
+
+
+class Params(_Section):
+    profile: str
+    seed: int = 0
+    outputs: str = "outputs/{profile}"  # relative to the project root
+    threads: int = Field(1, ge=1, description="torch CPU threads; small models run best on 1")
+    # Seeds and variants are independent runs: on a CPU, N processes of one thread each train N of
+    # them at full speed, while one process on N threads barely beats one thread (DESIGN.md).
+    workers: int | None = Field(None, ge=1, description="processes training runs side by side; "
+                                "null: one per CPU core on a CPU, one on a GPU")
+    notebooks: list[str] | Literal["all"] = "all"  # which notebooks `audiokd run` executes
+    data: DataParams = DataParams()
+    features: FeatureParams = FeatureParams()
+    augment: AugmentParams = AugmentParams()
+    teacher: TeacherParams = TeacherParams()
+    student: StudentParams = StudentParams()
+    train: TrainParams = TrainParams()
+    kd: KDParams = KDParams()
+    prune: PruneParams = PruneParams()
+    separation: SeparationParams = SeparationParams()
+
+    @property
+    def output_dir(self) -> Path:
+        """Folder every artefact of this profile is written under."""
+        path = Path(self.outputs.format(profile=self.profile))
+        return path if path.is_absolute() else project_root() / path
+
+    def fingerprint(self, section: str) -> str:
+        """Short hash of one section, to tell artefacts made with other settings apart."""
+        blob = json.dumps(getattr(self, section).model_dump(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in chain:
+        raise ParamsError(f"{path}: 'extends' loops back to itself ({' -> '.join(map(str, chain))})")
+    if not path.is_file():
+        raise ParamsError(f"{path}: no such parameter file (profiles live in params/<profile>.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of keys to values at the top level")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    parent_path = Path(parent)
+    if not parent_path.suffix:
+        parent_path = parent_path.with_suffix(".yaml")
+    if not parent_path.is_absolute():
+        parent_path = path.parent / parent_path
+    return _merge(_read_yaml(parent_path, (*chain, path)), raw)
+
+
+def _explain(err: dict, path: Path) -> str:
+    key = ".".join(str(part) for part in err["loc"])
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] = Params
+        for part in err["loc"][:-1]:
+            annotation = model.model_fields[str(part)].annotation
+            model = annotation if isinstance(annotation, type) else model
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{path}: unknown key '{key}'{hint}; valid keys here: {', '.join(model.model_fields)}"
+    return f"{path}: key '{key}': {err['msg']} (got {err.get('input')!r})"
+
+
+def profile_params(profile: str) -> Params:
+    """A profile as the CLI's --profile names it: `quick` (params/quick.yaml) or a path to a YAML file."""
+    return load_params(profile if profile.endswith(".yaml") else Path("params") / f"{profile}.yaml")
+
+
+def load_params(path: str | Path) -> Params:
+    """Read a profile's YAML (following `extends:`) and check every key and value."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = project_root() / path
+    raw = _read_yaml(path)
+    raw.setdefault("profile", path.stem)
+    try:
+        return Params(**raw)
+    except ValidationError as err:
+        raise ParamsError("\n".join(_explain(e, path) for e in err.errors())) from None

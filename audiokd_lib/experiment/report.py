@@ -1,0 +1,169 @@
+"""The final results table and its figures (notebook 07), built from the MLflow store alone.
+
+No number is typed by hand: every row is the newest finished run of one model, as logged by
+notebooks 03-07, and runs of the same recipe with different seeds are averaged into one row that
+says how many seeds it holds and how far they spread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from audiokd_lib.experiment import tracking
+from audiokd_lib.experiment.params import Params
+from audiokd_lib.experiment.runs import TABLE_COLUMNS, best_run
+from audiokd_lib.files import atomic_path
+from audiokd_lib.plots import save_fig
+
+ROLES = ("teacher", "student-baseline", "student-kd", "student-pruned", "student-rekd", "student-finetuned")
+
+
+EXTRA_COLUMNS = {"nonzero_params": "non-zero params", "nonzero_macs": "non-zero MACs",
+                 "compressed_mb": "sparse+zip MB"}
+
+
+MEASURES = [c for c in TABLE_COLUMNS if c not in ("model", "role", "variant", "teacher", "seed")] + list(EXTRA_COLUMNS)
+
+
+def main_score(table: pd.DataFrame) -> str:
+    """The score the course judges by: held-out macro-F1 (mAP for multi-label data), else in-domain."""
+    for column in ("heldout macro-F1", "heldout mAP", "test macro-F1", "test mAP"):
+        if column in table:
+            return column
+    raise ValueError("the table has no macro-F1 or mAP column")
+
+
+def final_table(params: Params) -> pd.DataFrame:
+    """One row per model recipe: teacher, baseline, distilled, pruned, re-trained; with ratios.
+
+    Seeds of one recipe (the same `variant` tag) are averaged; `seeds` counts them and the `±` column
+    is the standard deviation of the main score over them. The ratio columns divide a row's MACs,
+    parameters and batch-32 latency by the teacher's and by the baseline's.
+    """
+    frame = tracking.runs_frame(params)
+    if frame.empty or "role" not in frame:
+        raise LookupError(f"no finished runs in {tracking.tracking_uri(params)}: run notebooks 03-07 first")
+    frame = frame[frame["role"].isin(ROLES)].drop_duplicates("model")  # newest run of every model
+    frame = frame.assign(variant=frame["variant"].fillna(frame["model"]) if "variant" in frame else frame["model"])
+    measures = [c for c in MEASURES if c in frame and frame[c].notna().any()]
+    groups = frame.groupby(["role", "variant"], sort=False)
+    table = groups[measures].mean()
+    table.insert(0, "seeds", groups.size())
+    table.insert(1, "teacher", groups["teacher"].first())
+    table = table.reset_index().rename(columns={**TABLE_COLUMNS, **EXTRA_COLUMNS})
+    score = main_score(table)
+    spread = groups[{v: k for k, v in TABLE_COLUMNS.items()}[score]].std().reset_index(drop=True)
+    table.insert(table.columns.get_loc(score) + 1, "±", spread.to_numpy())
+    table = table.sort_values("role", key=lambda roles: roles.map(ROLES.index), kind="stable").reset_index(drop=True)
+    for reference, role in (("teacher", "teacher"), ("baseline", "student-baseline")):
+        ref = table[table["role"] == role]
+        if len(ref):
+            for column in ("MACs", "params", "latency ms/clip @32"):
+                table[f"{column} / {reference}"] = table[column] / ref.iloc[0][column]
+    for column in ("params", "non-zero params", "MACs", "non-zero MACs"):
+        if column in table:
+            table[column] = table[column].round().astype("int64")
+    return table
+
+
+COMPACT = ["role", "variant", "seeds", "test acc", "test macro-F1", "heldout macro-F1", "test mAP", "heldout mAP",
+           "±", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
+           "MACs / baseline", "latency ms/clip @32 / baseline"]
+
+
+def save_results(params: Params, table: pd.DataFrame) -> tuple:
+    """Write outputs/<profile>/results.csv (every column) and results.md (the columns that fit a page),
+    atomically, and return their paths."""
+    csv, md = params.output_dir / "results.csv", params.output_dir / "results.md"
+    with atomic_path(csv) as tmp:
+        table.to_csv(tmp, index=False)
+    teachers = ", ".join(t for t in table["teacher"].dropna().unique() if not t.startswith("none"))
+    compact = table[[c for c in COMPACT if c in table]]
+    with atomic_path(md) as tmp:
+        tmp.write_text(f"Profile `{params.profile}`, teacher: {teachers}. Every figure is read from the MLflow store "
+                       f"`outputs/{params.profile}/mlflow.db`; all columns in `results.csv`.\n\n"
+                       + compact.to_markdown(index=False, floatfmt=".3g") + "\n")
+    return csv, md
+
+
+def pareto_figure(params: Params, table: pd.DataFrame) -> Path:
+    """Score against MACs (log scale), marker area proportional to the checkpoint size; the front joined.
+
+    Saved as figures/pareto.png; the path is returned. A model is on the Pareto front when no other
+    model is both cheaper and better. MACs are the dense
+    count that a CPU executes; unstructured-pruned models therefore sit above their parents, not left.
+    """
+    score = main_score(table)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours = dict(zip(ROLES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for role, rows in table.groupby("role", sort=False):
+        ax.scatter(rows["MACs"], rows[score], s=40 + 60 * rows["size MB"], alpha=0.7, label=role,
+                   color=colours.get(role))
+        for _, row in rows.iterrows():
+            ax.annotate(row["variant"], (row["MACs"], row[score]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+    ordered = table.sort_values(["MACs", score], ascending=[True, False])
+    front = ordered[ordered[score] >= ordered[score].cummax()]
+    ax.step(front["MACs"], front[score], where="post", color="grey", lw=1, ls="--", label="Pareto front")
+    ax.set(xscale="log", xlabel="MACs per clip (dense, log scale)", ylabel=score,
+           title=f"{params.profile}: score against cost (marker area ~ size MB)")
+    ax.legend(fontsize=7, loc="lower right")
+    path = save_fig(fig, params, "pareto")
+    plt.close(fig)
+    return path
+
+
+def sensitivity_figure(params: Params, curves: pd.DataFrame, metric: str = "macro-F1") -> Path:
+    """Scores of pruned copies before any re-training, against sparsity (unstructured) and channel ratio
+    (structured). `curves` has columns kind (unstructured, structured, or none for the unpruned model),
+    amount, and "<split> <metric>" for the evaluation splits."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    columns = [c for c in (f"test {metric}", f"heldout {metric}") if c in curves]
+    for ax, (kind, label) in zip(axes, (("unstructured", "share of weights set to zero"),
+                                        ("structured", "share of channels removed"))):
+        rows = curves[curves["kind"].isin([kind, "none"])].sort_values("amount")
+        for column in columns:
+            ax.plot(rows["amount"], rows[column], "o-", label=column)
+        ax.set(xlabel=label, title=f"{kind} pruning, no re-training", xlim=(-0.02, 1), ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    path = save_fig(fig, params, "sensitivity")
+    plt.close(fig)
+    return path
+
+
+def targets_verdict(params: Params, table: pd.DataFrame) -> str:
+    """The course's compression targets, checked against the table, one plain line each.
+
+    The structured-pruned, re-distilled student against the baseline (at most half its MACs, faster per
+    clip at batch 32) and against the distilled student it was pruned from (in-domain score within 2
+    points).
+    """
+    slim = table[(table["role"] == "student-rekd") & table["variant"].str.startswith("structured")]
+    base = table[table["role"] == "student-baseline"]
+    if slim.empty or base.empty:
+        return "No structured re-distilled student or no baseline in the table: nothing to check."
+    slim, base = slim.iloc[0], base.iloc[0]
+    source = best_run(params, params.prune.source)
+    score = "test mAP" if "test mAP" in table else "test macro-F1"
+    source_score = source[{v: k for k, v in TABLE_COLUMNS.items()}[score]]
+    macs, latency = slim["MACs"] / base["MACs"], slim["latency ms/clip @32"] / base["latency ms/clip @32"]
+    points = 100 * (slim[score] - source_score)
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    lines = [
+        (f"- MACs: {slim['MACs']:,} against the baseline's {base['MACs']:,}, a ratio of {macs:.2f} "
+         f"(target at most 0.5): {met(macs <= 0.5)}."),
+        (f"- Latency per clip at batch 32: {slim['latency ms/clip @32']:.3f} ms against "
+         f"{base['latency ms/clip @32']:.3f} ms, a ratio of {latency:.2f} (target: measurably below 1, here below "
+         f"0.9): {met(latency < 0.9)}. At batch 1: {slim['latency ms']:.2f} ms against {base['latency ms']:.2f} ms."),
+        (f"- In-domain {score}: {slim[score]:.3f} against {source_score:.3f} for {source['model']}, the distilled "
+         f"student it was pruned from: {points:+.1f} points (target: within 2): {met(points >= -2)}."),
+    ]
+    return "\n".join(lines)

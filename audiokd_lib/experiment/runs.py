@@ -1,0 +1,377 @@
+"""One model run, start to finish: train, evaluate the same way as every other model, log to MLflow.
+
+Notebook 03 calls :func:`train_and_log` with a role (`teacher`, `student-baseline`, `student-kd`, ...)
+and gets back the model and the MLflow row of the run; notebooks 04-05 hand several runs (one per
+seed and variant) to :func:`train_many`, which trains them side by side in worker processes.
+Everything a table needs is measured here, identically for every model:
+
+- accuracy and macro-F1 (mAP and micro-F1 for multi-label data) on the in-domain `test` split and on
+  the `heldout` split (the unseen soundfont), a per-class report, a confusion matrix, PR curves;
+- parameters, checkpoint size, MACs for one clip, CPU latency per clip.
+
+A run that already finished with the same settings is not trained again: its MLflow row is returned.
+A run that was interrupted resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from audiokd_lib import plots
+from audiokd_lib.compress import prune
+from audiokd_lib.compress.export import head_module
+from audiokd_lib.experiment import metrics, tracking
+from audiokd_lib.experiment.params import Params, TrainParams
+from audiokd_lib.experiment.training import FeatureSet, FitResult, cached_features, fit, predict
+from audiokd_lib.files import atomic_path, write_json
+from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from audiokd_lib.models.classifier import Classifier
+
+EVAL_SPLITS = ("test", "heldout")  # in-domain, and the soundfont no model ever trained on
+
+
+def feature_key(params: Params, model: Classifier) -> str:
+    """Names a front end in cache files: students and the EfficientAT teacher share one."""
+    if model.spec["kind"] == "ast":
+        blob = json.dumps(model.spec["extractor"], sort_keys=True, default=str)
+        return "ast-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return "logmel-" + params.fingerprint("features")
+
+
+def feature_sets(params: Params, table: pd.DataFrame, model: Classifier, splits=("train", "val", "test", "heldout"),
+                 progress: bool = True) -> dict[str, FeatureSet]:
+    """Cached features of every split the table has, through `model`'s front end."""
+    present = [s for s in splits if (table["split"] == s).any()]
+    return {s: cached_features(params, table, s, model, feature_key(params, model), model.classes, progress)
+            for s in present}
+
+
+def sets_fingerprint(sets: dict[str, FeatureSet]) -> str:
+    """Short hash of every split's clips and targets: the data a run learned from and was tested on."""
+    digest = hashlib.sha256()
+    for split in sorted(sets):
+        digest.update(split.encode() + "\n".join(sets[split].paths).encode() + sets[split].targets.numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> dict[str, float]:
+    """Params, size on disk, MACs and CPU latency for one clip's features (front end excluded).
+
+    Next to the dense figures, what only non-zero weights cost: they differ for unstructured-pruned
+    models, whose zeros still take dense memory and dense arithmetic (notebook 06).
+    """
+    head = head_module(model).eval()
+    cx = metrics.complexity(head, example[:1], checkpoint, threads=params.threads)
+    return {**{k: float(v) for k, v in asdict(cx).items()},
+            "nonzero_params": float(prune.sparsity(model)["nonzero_params"]),
+            "nonzero_macs": float(prune.nonzero_macs(model, example[:1])),
+            "compressed_mb": prune.compressed_size_mb(model)}
+
+
+def scores(model: Classifier, sets: dict[str, FeatureSet]) -> dict[str, float]:
+    """The table's scores on the test and heldout splits (e.g. `heldout_macro_f1`), nothing saved."""
+    results = {}
+    for split in EVAL_SPLITS:
+        if split in sets:
+            data = sets[split]
+            found = metrics.classification_metrics(data.targets.numpy(), predict(model, data).numpy(), data.classes,
+                                                   data.multilabel)
+            results.update({f"{split}_{key}": value for key, value in found.items()})
+    return results
+
+
+def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], name: str
+             ) -> tuple[dict[str, float], list[Path]]:
+    """Metrics on the test and heldout splits, with per-class reports and figures saved."""
+    results, artifacts = {}, []
+    out = params.output_dir / "models" / name
+    for split in EVAL_SPLITS:
+        if split not in sets:
+            continue
+        data = sets[split]
+        logits = predict(model, data).numpy()
+        y = data.targets.numpy()
+        for key, value in metrics.classification_metrics(y, logits, data.classes, data.multilabel).items():
+            results[f"{split}_{key}"] = value
+        report = metrics.per_class_report(y, logits, data.classes, data.multilabel)
+        with atomic_path(out / f"per_class_{split}.csv") as tmp:
+            report.to_csv(tmp)
+        artifacts.append(out / f"per_class_{split}.csv")
+        title = f"{name}, {split}"
+        figures = {"pr": metrics.pr_curve_figure(y, logits, data.classes, data.multilabel, title=title)}
+        if not data.multilabel:  # a confusion matrix needs one true class per clip
+            figures["confusion"] = metrics.confusion_figure(y, logits, data.classes, title=title)
+        for kind, fig in figures.items():
+            artifacts.append(plots.save_fig(fig, params, f"{name}_{kind}_{split}"))
+            plt.close(fig)
+    return results, artifacts
+
+
+def loss_figure(history: pd.DataFrame, metric: str, title: str) -> plt.Figure:
+    """Train and validation loss per epoch, with the validation score on a second axis."""
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
+    ax.plot(history["epoch"], history["val_loss"], "o-", label="val loss")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    right = ax.twinx()
+    right.plot(history["epoch"], history[f"val_{metric}"], "s--", color="tab:green", label=f"val {metric}")
+    right.set(ylabel=f"val {metric}", ylim=(0, 1.02))
+    lines = ax.get_lines() + right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    return fig
+
+
+def run_key(params: Params, role: str, seed: int, tp: TrainParams | None, data_fp: str, extra: dict) -> str:
+    """What makes two runs the same run: settings, data, seed, and the teacher behind them."""
+    blob = json.dumps({"role": role, "seed": seed, "train": tp and tp.model_dump(),
+                       "features": params.features.model_dump(),
+                       "augment": params.augment.model_dump(), "student": params.student.model_dump(),
+                       "teacher": params.teacher.model_dump(), "data": data_fp, **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunJob:
+    """One model to train and log: what :func:`train_many` needs besides the shared data and recipe."""
+
+    role: str                                   # teacher, student-baseline, student-kd, ...
+    name: str                                   # the model's name in tables, folders and MLflow
+    model: Classifier                           # trained in place
+    seed: int
+    tags: dict[str, str] = field(default_factory=dict)
+    teacher: Classifier | None = None           # consistent distillation: the teacher sees every batch
+    teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
+    kd: tuple[float, float] | None = None       # (temperature, alpha) to distil; None: labels only
+
+
+def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
+                  seed: int, tp: TrainParams, teacher: Classifier | None = None,
+                  teacher_logits: torch.Tensor | None = None, kd: tuple[float, float] | None = None,
+                  tags: dict[str, str] | None = None, params_file: str | Path | None = None,
+                  progress: bool = True) -> tuple[Classifier, pd.Series]:
+    """Train (or resume, or reuse) one model in this process, evaluate it, log it; return it and its MLflow row."""
+    job = RunJob(role, name, model, seed, tags or {}, teacher, teacher_logits, kd)
+    [row] = train_many(params, [job], sets, tp=tp, params_file=params_file, workers=1, progress=progress)
+    return job.model, row
+
+
+def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], *, tp: TrainParams,
+               params_file: str | Path | None = None, workers: int | None = None,
+               progress: bool = True) -> list[pd.Series]:
+    """Train several runs (seeds, variants) side by side, then evaluate and log each; return their MLflow rows.
+
+    Training is what costs, and runs are independent: they go to `workers` processes (default:
+    `params.workers`) of `params.threads` threads each. Evaluation and the latency measurement happen
+    afterwards, one run at a time in this process, so no timing is taken while another run trains.
+    Finished runs with the same settings are reused; interrupted ones resume from their last epoch.
+    """
+    rows, todo = {}, []
+    for job in jobs:
+        row = _reuse_or_prepare(params, job, sets, tp)
+        if row is None:
+            todo.append(job)
+        else:
+            rows[job.name] = row
+    workers = min(workers or params.workers or _default_workers(), len(todo))
+    results = {}
+    if workers <= 1:
+        for job in todo:
+            results[job.name] = _fit_job(params, job, sets["train"], sets["val"], tp, progress)
+    else:
+        # spawn, not fork: a forked copy of a process that already ran torch threads can deadlock.
+        print(f"training {len(todo)} runs in {workers} processes of {params.threads} thread(s) each")
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, sets, tp)): job for job in todo}
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
+                job, result = futures[future], future.result()
+                results[job.name] = result
+                print(f"{job.name}: best val {result.metric} {result.best_score:.3f} at epoch {result.best_epoch} "
+                      f"of {len(result.history)} ({result.history['seconds'].sum():.0f} s)")
+        for job in todo:
+            fitted = _run_dir(params, job) / "fitted.pt"
+            job.model.load_state_dict(torch.load(fitted, weights_only=True))
+            job.model.eval()
+    for job in todo:
+        rows[job.name] = _log_run(params, job, sets, results[job.name], params_file)
+        (_run_dir(params, job) / "fitted.pt").unlink(missing_ok=True)
+    return [rows[job.name] for job in jobs]
+
+
+def _default_workers() -> int:
+    if torch.cuda.is_available():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run_dir(params: Params, job: RunJob) -> Path:
+    return params.output_dir / "models" / job.name
+
+
+def _job_tags(job: RunJob) -> dict[str, str]:
+    return {"seed": str(job.seed), **job.tags}
+
+
+def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams | None
+                      ) -> pd.Series | None:
+    """The MLflow row of a finished run with the same settings (its weights loaded), else None after
+    clearing a run folder whose settings changed."""
+    run_dir = _run_dir(params, job)
+    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": job.kd})
+    done_file, checkpoint = run_dir / "done.json", run_dir / "model.pt"
+    if done_file.is_file() and checkpoint.is_file():
+        done = json.loads(done_file.read_text())
+        runs = tracking.runs_frame(params, job.role)
+        found = runs[runs["run_id"] == done.get("run_id")] if done.get("key") == key else runs.iloc[:0]
+        if len(found):
+            print(f"{job.name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
+            job.model = load_checkpoint(checkpoint)
+            return found.set_index("run_id").iloc[0]
+    if (run_dir / "key.txt").is_file() and (run_dir / "key.txt").read_text() != key:
+        print(f"{job.name}: settings changed since the last run; starting it again")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "key.txt").write_text(key)
+    return None
+
+
+def _fit_job(params: Params, job: RunJob, train: FeatureSet, val: FeatureSet, tp: TrainParams,
+             progress: bool) -> FitResult:
+    return fit(job.model, train, val, tp, params, job.seed, _run_dir(params, job), teacher=job.teacher,
+               teacher_logits=job.teacher_logits, kd=job.kd, progress=progress)
+
+
+def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> bytes:
+    # torch.save rather than the pool's own pickling: tensors then travel inside the bytes, not through
+    # /dev/shm (64 MB in a default Docker container). Feature sets travel as their cache file's path.
+    buffer = io.BytesIO()
+    torch.save({"params": params, "job": job, "train": sets["train"], "val": sets["val"], "tp": tp}, buffer)
+    return buffer.getvalue()
+
+
+def _fit_in_worker(payload: bytes) -> FitResult:
+    """Runs in a worker process: train one job and leave its best weights in `fitted.pt`."""
+    work = torch.load(io.BytesIO(payload), weights_only=False)  # made a moment ago by our own parent process
+    params, job = work["params"], work["job"]
+    torch.set_num_threads(params.threads)
+    result = _fit_job(params, job, work["train"], work["val"], work["tp"], progress=False)
+    with atomic_path(_run_dir(params, job) / "fitted.pt") as tmp:
+        torch.save(job.model.state_dict(), tmp)
+    return result
+
+
+def log_model(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
+              tags: dict[str, str] | None = None, params_file: str | Path | None = None) -> pd.Series:
+    """Evaluate and log a model made without training (a pruned copy): the same measures as every run.
+
+    Logged again only when the model's weights or the data changed; otherwise its MLflow row is reused.
+    """
+    weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
+    job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]})
+    row = _reuse_or_prepare(params, job, sets, None)
+    return row if row is not None else _log_run(params, job, sets, None, params_file)
+
+
+def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: FitResult | None,
+             params_file: str | Path | None) -> pd.Series:
+    """Evaluate a job's model, save its checkpoint and figures, and log all of it as one MLflow run."""
+    run_dir, model = _run_dir(params, job), job.model
+    checkpoint = run_dir / "model.pt"
+    tags = {"model": job.name, "teacher": "none (labels only)",
+            "dataset_fingerprint": sets["train"].data_fingerprint, **_job_tags(job)}
+    with tracking.start_run(params, job.role, job.name, tags, params_file) as run:
+        save_checkpoint(model, checkpoint, role=job.role, seed=job.seed, run_id=run.info.run_id)
+        results, artifacts = evaluate(params, model, sets, job.name)
+        if result is not None:
+            for row in result.history.to_dict("records"):
+                tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+            fig = loss_figure(result.history, result.metric, job.name)
+            artifacts.append(plots.save_fig(fig, params, f"{job.name}_loss"))
+            plt.close(fig)
+            results.update({"best_epoch": result.best_epoch, f"val_{result.metric}": result.best_score,
+                            "epochs_run": len(result.history),
+                            "train_seconds": float(result.history["seconds"].sum())})
+        example = sets["val"].features[:1]
+        tracking.log_final({**results, **measure(params, model, checkpoint, example), "clip_frames": example.shape[-1]})
+        tracking.log_artifacts([checkpoint, *artifacts])
+        run_id = run.info.run_id
+    key = (run_dir / "key.txt").read_text()
+    write_json(run_dir / "done.json", {"key": key, "run_id": run_id})
+    (run_dir / "last.pt").unlink(missing_ok=True)  # the best weights live in model.pt now
+    return tracking.runs_frame(params, job.role).set_index("run_id").loc[run_id].rename(run_id)
+
+
+TABLE_COLUMNS = {
+    "model": "model", "role": "role", "variant": "variant", "teacher": "teacher", "seed": "seed",
+    "test_accuracy": "test acc", "test_macro_f1": "test macro-F1",
+    "heldout_accuracy": "heldout acc", "heldout_macro_f1": "heldout macro-F1",
+    "test_mAP": "test mAP", "test_micro_f1": "test micro-F1", "heldout_mAP": "heldout mAP",
+    "heldout_micro_f1": "heldout micro-F1",
+    "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
+    "latency_batch_ms": "latency ms/clip @32",
+}
+
+
+def best_run(params: Params, role: str) -> pd.Series:
+    """Of the newest run of every model of `role`, the one with the best validation score.
+
+    Chosen on validation, never on test or held-out scores, which would then be optimistic.
+    """
+    runs = tracking.runs_frame(params, role).drop_duplicates("model")
+    if runs.empty:
+        tracking.latest_run(params, role)  # raises, naming the notebook that makes this role
+    metric = "val_mAP" if "val_mAP" in runs and runs["val_mAP"].notna().any() else "val_macro_f1"
+    return runs.loc[runs[metric].idxmax()]
+
+
+def results_table(params: Params, roles: list[str] | None = None) -> pd.DataFrame:
+    """The newest finished run of every model name (per role), from MLflow, in readable columns."""
+    frame = tracking.runs_frame(params)
+    if roles is not None:
+        frame = frame[frame["role"].isin(roles)]
+    frame = frame.drop_duplicates("model")  # newest first: one row per model name
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns and frame[c].notna().any()]
+    table = frame[columns].rename(columns=TABLE_COLUMNS).reset_index(drop=True)
+    for c in ("params", "MACs"):
+        if c in table:
+            table[c] = table[c].astype(int)
+    return table
+
+
+def seed_summary(table: pd.DataFrame, value: str, by: str = "role") -> pd.DataFrame:
+    """Mean, standard deviation, min and max of one column over seeds, per role."""
+    return table.groupby(by, sort=False)[value].agg(["mean", "std", "min", "max", "count"])
+
+
+def verdict(summary: pd.DataFrame, score: str, baseline: str = "baseline") -> str:
+    """One plain sentence per distilled variant: better, worse, or within the seed spread."""
+    if baseline not in summary.index:
+        return f"No `{baseline}` runs to compare with."
+    base = summary.loc[baseline]
+    lines = []
+    for variant, row in summary.drop(index=[baseline, "teacher"], errors="ignore").iterrows():
+        diff = row["mean"] - base["mean"]
+        spread = max(base["max"] - base["min"], row["max"] - row["min"])
+        n = int(min(row["count"], base["count"]))
+        if n < 2:
+            judgement = "one seed only: no spread to compare against, so no conclusion"
+        elif abs(diff) <= spread:
+            judgement = f"within the seed spread ({spread:.3f}): no measurable effect"
+        else:
+            judgement = f"{'better' if diff > 0 else 'worse'} than the baseline, beyond the seed spread ({spread:.3f})"
+        lines.append(f"- **{variant}**: {score} {row['mean']:.3f} ± {row['std']:.3f} vs baseline "
+                     f"{base['mean']:.3f} ± {base['std']:.3f} over {n} seeds, a difference of {diff:+.3f}: "
+                     f"{judgement}.")
+    return "\n".join(lines)

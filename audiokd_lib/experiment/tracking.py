@@ -1,0 +1,222 @@
+"""Experiment tracking: every training run of a profile is recorded in one MLflow store.
+
+A compression study produces many models (teacher, baseline student, distilled student, pruned and
+re-distilled students), each trained in its own notebook. Copying their numbers into a table by hand
+invites mistakes; instead every notebook opens an MLflow *run*, records the settings it used
+(*params*), its learning curves and final scores (*metrics*) and its files (*artifacts*: checkpoints,
+figures), and the final comparison is a query over those runs (:func:`runs_frame`).
+
+Each profile has its own store, ``outputs/<profile>/mlflow.db`` (SQLite) with artifacts under
+``outputs/<profile>/mlartifacts``, so a smoke test never mixes its numbers into a real run's table.
+Each run carries a ``role`` tag (``teacher``, ``student-baseline``, ...) saying which step of the pipeline
+made it; :func:`latest_run` finds the newest finished run of a role, which is how a later notebook picks up
+the model an earlier one trained. Browse a store with
+``mlflow ui --backend-store-uri sqlite:///outputs/<profile>/mlflow.db --host 127.0.0.1 --workers 1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import mlflow
+import pandas as pd
+
+from audiokd_lib.experiment.params import Params
+
+# Which notebook makes the runs of each role: named in the error when a later notebook finds none.
+ROLE_NOTEBOOKS = {
+    "teacher": "03_teacher",
+    "student-baseline": "04_student",
+    "student-kd": "05_kd",
+    "student-pruned": "06_pruning",
+    "student-rekd": "07_rekd",
+    "student-finetuned": "07_rekd",
+    "separator": "08_separation",
+    "detector": "08_separation",
+}
+
+
+BASE_COLUMNS = ["run_id", "run_name", "start_time", "artifact_uri"]
+
+
+# MLflow rejects parameter values longer than this (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH).
+MAX_PARAM_CHARS = 6000
+
+
+def tracking_uri(params: Params) -> str:
+    """The profile's MLflow store: a SQLite file (MLflow 3.17 refuses a plain ./mlruns folder by default)."""
+    return f"sqlite:///{(params.output_dir / 'mlflow.db').resolve().as_posix()}"
+
+
+def experiment_name(params: Params) -> str:
+    """One experiment per profile, so the store's UI groups runs the same way."""
+    return f"audiokd-{params.profile}"
+
+
+def _quiet() -> None:
+    """Keep database set-up chatter (table creation, schema migrations) out of notebooks."""
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def setup(params: Params) -> str:
+    """Point MLflow at the profile's store, create its experiment when missing, and return its id.
+
+    The experiment is created with an explicit artifact location; otherwise MLflow would put artifacts
+    in ./mlartifacts relative to whatever folder the notebook happens to run from.
+    """
+    _quiet()
+    params.output_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(params))
+    name = experiment_name(params)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=(params.output_dir / "mlartifacts").as_uri())
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: MLflow params are flat strings of limited length."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)[:MAX_PARAM_CHARS]
+    return flat
+
+
+@contextmanager
+def start_run(
+    params: Params,
+    role: str,
+    name: str,
+    tags: dict[str, str] | None = None,
+    params_file: str | Path | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open a run of `role` in the profile's store, with the whole profile recorded as its params.
+
+    Use as ``with tracking.start_run(params, "student-baseline", "mobilenet_v3_small") as run:``. The
+    run ends FINISHED when the block completes and FAILED when it raises, so failed attempts never reach
+    the results table. `params_file` (the profile's YAML) is stored as an artifact under ``params/``.
+    """
+    if params_file is not None and not Path(params_file).is_file():
+        raise FileNotFoundError(f"params_file {params_file} does not exist")
+    setup(params)
+    with mlflow.start_run(run_name=name, tags={"role": role, "profile": params.profile, **(tags or {})}) as run:
+        mlflow.log_params(_flatten(params.model_dump()))
+        if params_file is not None:
+            mlflow.log_artifact(str(params_file), artifact_path="params")
+        yield run
+
+
+def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    """Record one epoch's numbers (losses, validation scores) as points of learning curves."""
+    mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_final(metrics: dict[str, float], prefix: str = "") -> None:
+    """Record final scores, each key prefixed (e.g. "test_", "heldout_") to say on which split."""
+    mlflow.log_metrics({f"{prefix}{key}": value for key, value in metrics.items()})
+
+
+def log_artifacts(paths: list[str | Path], folder: str | None = None) -> None:
+    """Store files (or whole folders) with the active run, under `folder` in its artifacts when given."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=f"{folder}/{path.name}" if folder else path.name)
+        elif path.is_file():
+            mlflow.log_artifact(str(path), artifact_path=folder)
+        else:
+            raise FileNotFoundError(f"cannot log artifact {path}: no such file or folder")
+
+
+def _rename(column: str) -> str | None:
+    """Short column names for the runs table; None drops MLflow's own bookkeeping tags."""
+    if column == "tags.mlflow.runName":
+        return "run_name"
+    if column.startswith("tags.mlflow."):
+        return None
+    if column.startswith("metrics."):
+        return column.removeprefix("metrics.")
+    if column.startswith("tags."):
+        return column.removeprefix("tags.")
+    if column.startswith("params."):
+        return "param." + column.removeprefix("params.")
+    return column
+
+
+def runs_frame(params: Params, role: str | None = None, finished_only: bool = True) -> pd.DataFrame:
+    """All runs of the profile (or of one role) as a table, newest first.
+
+    Columns: run_id, run_name, start_time, artifact_uri, status, ...; then tags (role, profile, ...) and
+    metrics under their own names, and params as "param.<dotted key>". A profile with no store or no
+    runs yet gives an empty table with the base columns.
+    """
+    empty = pd.DataFrame(columns=BASE_COLUMNS)
+    if not (params.output_dir / "mlflow.db").is_file():
+        return empty
+    _quiet()
+    mlflow.set_tracking_uri(tracking_uri(params))
+    experiment = mlflow.get_experiment_by_name(experiment_name(params))
+    if experiment is None:
+        return empty
+    filters = []
+    if role is not None:
+        if "'" in role:
+            raise ValueError(f"role {role!r} must not contain a quote")
+        filters.append(f"tags.role = '{role}'")
+    if finished_only:
+        filters.append("attributes.status = 'FINISHED'")
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.experiment_id],
+        filter_string=" and ".join(filters),
+        order_by=["attributes.start_time DESC"],
+    )
+    if runs.empty:
+        return empty
+    renamed = {column: _rename(column) for column in runs.columns}
+    runs = runs[[column for column, new in renamed.items() if new is not None]].rename(columns=renamed)
+    duplicated = runs.columns[runs.columns.duplicated()].tolist()
+    if duplicated:
+        raise ValueError(f"a tag and a metric share the name(s) {duplicated}: rename one of them")
+    return runs[BASE_COLUMNS + [column for column in runs.columns if column not in BASE_COLUMNS]].reset_index(
+        drop=True
+    )
+
+
+def latest_run(params: Params, role: str) -> pd.Series:
+    """The newest finished run of `role`; LookupError saying what exists and what to run when there is none."""
+    runs = runs_frame(params, role=role)
+    if not runs.empty:
+        return runs.iloc[0]
+    everything = runs_frame(params)
+    roles = sorted(everything["role"].dropna().unique()) if "role" in everything else []
+    notebook = ROLE_NOTEBOOKS.get(role)
+    hint = f"run notebook {notebook} with this profile first" if notebook else "no notebook makes this role"
+    raise LookupError(
+        f"no finished run with role '{role}' in {tracking_uri(params)} (experiment {experiment_name(params)}); "
+        f"roles present: {roles or 'none'}; {hint}"
+    )
+
+
+def artifact_path(run: pd.Series, relative: str) -> Path:
+    """Local path of one artifact of a run (a row of :func:`runs_frame`), e.g. "model/student.pt"."""
+    uri = urlparse(run["artifact_uri"])
+    if uri.scheme != "file":
+        raise ValueError(f"artifacts of run {run['run_id']} are at {run['artifact_uri']}, not on this machine")
+    root = Path(url2pathname(uri.path))  # undoes the %-escapes of as_uri()
+    path = root / relative
+    if not path.exists():
+        present = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        raise FileNotFoundError(f"run {run['run_id']} has no artifact '{relative}'; it has: {present or 'none'}")
+    return path

@@ -1,0 +1,350 @@
+"""Training shared by the teacher, the baseline student and the distilled students.
+
+One loop, three uses: only the loss changes (hard labels, or Hinton distillation from a teacher).
+What the loop does, in the order a reader meets it:
+
+- features are computed once per clip and cached (:func:`cached_features`), so an epoch costs only
+  the network; augmentation then works on the cached log-mels: a random crop, a gain (a constant in
+  the log domain), noise (added in the power domain), SpecAugment and mixup (mixed as power, not as
+  logs). Notebook 02 shows the waveform-level augmentations (room, codec) and their cost: about 15 ms
+  a clip, more than a small student's whole training step on a CPU.
+- AdamW with a linear warm-up and a cosine decay, one seed for everything random;
+- early stopping on the validation score (macro-F1, or mAP for multi-label data): the best epoch's
+  weights are restored at the end and saved;
+- after every epoch the full state (weights, optimiser, schedule, history, random generators) is
+  written to `last.pt`, so an interrupted run resumes where it stopped.
+
+Distillation (:func:`distillation_loss`) follows Hinton et al. (2015). In `cached` mode the teacher's
+logits on the clean clips are computed once and looked up; in `consistent` mode (Beyer et al., 2022)
+the teacher sees exactly the augmented, cropped, mixed batch the student sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from audiokd_lib.audio import augment
+from audiokd_lib.audio.loading import AudioLoadError, load_clip
+from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
+from audiokd_lib.experiment import metrics
+from audiokd_lib.experiment.losses import hard_loss
+from audiokd_lib.experiment.params import Params, TrainParams
+from audiokd_lib.files import atomic_path, write_json
+from audiokd_lib.models.classifier import Classifier
+from audiokd_lib.models.students import prunable_layers
+
+
+@dataclass
+class FeatureSet:
+    """Cached features of one split with their targets (class indices, or multi-hot rows)."""
+
+    features: torch.Tensor          # (clips, 1, bins, frames), float16 on disk, float32 in use
+    targets: torch.Tensor           # (clips,) int64, or (clips, classes) float for multi-label
+    paths: list[str]
+    classes: list[str]
+    data_fingerprint: str           # of the whole clip table the split came from (data.fingerprint)
+    skipped: list[str] = field(default_factory=list)
+    cache_file: str | None = None   # where `features` came from, so a copy sent to a worker needs no payload
+
+    def __getstate__(self) -> dict:
+        # Sent to a training worker (runs.train_many): the features travel as their cache file's path.
+        state = dict(self.__dict__)
+        if self.cache_file is not None:
+            state["features"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if state["features"] is None:
+            state["features"] = torch.load(state["cache_file"], weights_only=True)["features"].float()
+        self.__dict__.update(state)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.targets.dim() == 2
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def class_names(table: pd.DataFrame) -> list[str]:
+    """Sorted class names of a single-label clip table (the order of every model's outputs)."""
+    return sorted(table["label"].unique())
+
+
+def cached_features(params: Params, table: pd.DataFrame, split: str, model: Classifier, key: str,
+                    classes: list[str], progress: bool = True) -> FeatureSet:
+    """Features of one split through `model`'s front end, computed once and cached on disk.
+
+    `key` names the front end (e.g. a features fingerprint); the data fingerprint is part of the file
+    name too, so a changed dataset or front end never meets an old cache. Unreadable clips are
+    skipped, listed in the result and warned about, never fatal.
+
+    Targets: class indices from a `label` column (one class per clip), or multi-hot float rows from a
+    `labels` column of '|'-joined class names (the pieces, several instruments at once), where every
+    class not listed is a negative.
+    """
+    from audiokd_lib.data.real import multilabel_targets
+    from audiokd_lib.data.tables import fingerprint
+
+    if "label" not in table and "labels_unknown" in table and (table["labels_unknown"].astype(str) != "").any():
+        raise ValueError("this table leaves some (clip, class) answers unknown (labels_unknown, as OpenMIC does), "
+                         "which a FeatureSet would count as negatives; train on a fully labelled table")
+
+    rows, data_fp = table[table["split"] == split], fingerprint(table)
+    path = params.output_dir / "features" / "cache" / f"{split}-{key}-{data_fp}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+    else:
+        feats, kept, skipped = [], [], []
+        seconds = model.spec["clip_seconds"]
+        with torch.inference_mode():
+            for clip_path in tqdm(rows["path"], desc=f"features {split}", disable=not progress):
+                try:
+                    wave = load_clip(clip_path, model.sample_rate, seconds)
+                except AudioLoadError as err:
+                    skipped.append(str(err))
+                    continue
+                feats.append(model.features(wave).half())
+                kept.append(clip_path)
+        if not feats:
+            raise ValueError(f"no readable clips in split {split!r} ({len(rows)} listed)")
+        saved = {"features": torch.cat(feats), "paths": kept, "skipped": skipped}
+        with atomic_path(path) as tmp:
+            torch.save(saved, tmp)
+    kept_rows = rows.set_index("path").loc[saved["paths"]]
+    if "label" in kept_rows:
+        index = {name: i for i, name in enumerate(classes)}
+        targets = torch.tensor([index[label] for label in kept_rows["label"]])
+    else:
+        targets = torch.from_numpy(multilabel_targets(kept_rows, classes)[0])
+    for err in saved["skipped"]:
+        print(f"skipped unreadable clip: {err}")
+    return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
+                      list(saved["skipped"]), cache_file=str(path))
+
+
+class FeatureAugment:
+    """Cheap augmentations of a batch of log-mel features, with their own seeded generator.
+
+    The noise profile is the log-mel of white noise through the same front end, so "noise at
+    20 dB SNR" here means what it means for a waveform, up to the random phase of the noise.
+    """
+
+    def __init__(self, params: Params, model: Classifier, seed: int, kinds: list[str], crop_frames: int | None):
+        self.aug, self.kinds, self.crop_frames = params.augment, set(kinds), crop_frames
+        self.num_classes, self.multilabel = len(model.classes), model.spec["multilabel"]
+        self.rng = np.random.default_rng(seed)
+        self.torch_gen = torch.Generator().manual_seed(seed)
+        self.log_power = model.spec["kind"] != "ast"  # AST's features are already normalised
+        if self.log_power and "noise" in self.kinds:
+            noise = torch.randn(1, round(model.sample_rate * 2), generator=torch.Generator().manual_seed(0))
+            with torch.inference_mode():
+                self.noise_mel = model.features(noise).exp().mean(dim=-1, keepdim=True)[0]  # (1, bins, 1)
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """A random window of crop_frames per example (the whole clip when it is shorter)."""
+        frames = x.shape[-1]
+        if self.crop_frames is None or self.crop_frames >= frames:
+            return x
+        starts = self.rng.integers(0, frames - self.crop_frames + 1, size=x.shape[0])
+        return torch.stack([x[i, ..., s:s + self.crop_frames] for i, s in enumerate(starts)])
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, extra: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Augment (x, y); `extra` (cached teacher probabilities) is mixed exactly like y."""
+        x = self.crop(x)
+        batch = x.shape[0]
+        g = self.aug.gain_noise
+        if self.log_power and "gain" in self.kinds:
+            on = torch.from_numpy(self.rng.random(batch) < g.gain_p)
+            db = torch.from_numpy(self.rng.uniform(g.min_gain_db, g.max_gain_db, batch)).float()
+            x = x + (on * db * math.log(10) / 10).view(-1, 1, 1, 1)  # power gain in the log domain
+        if self.log_power and "noise" in self.kinds:
+            on = torch.from_numpy(self.rng.random(batch) < g.noise_p).view(-1, 1, 1, 1)
+            snr = torch.from_numpy(self.rng.uniform(g.min_snr_db, g.max_snr_db, batch)).float().view(-1, 1, 1, 1)
+            power = x.exp()
+            signal = power.sum(dim=(1, 2), keepdim=True).mean(dim=-1, keepdim=True)
+            scale = signal / self.noise_mel.sum() / 10 ** (snr / 10)
+            x = torch.where(on, torch.log(power + scale * self.noise_mel), x)
+        if "mixup" in self.kinds:
+            m = self.aug.mixup
+            y1 = y if y.dim() == 2 else F.one_hot(y, self.num_classes).float()
+            joint = y1 if extra is None else torch.cat([y1, extra], dim=1)
+            source = x.exp() if self.log_power else x  # mix sounds (power), not their logarithms
+            mixed, joint, _ = augment.mixup(source, joint, m.alpha, self.rng, self.multilabel, p=m.p)
+            x = mixed.clamp_min(1e-12).log() if self.log_power else mixed
+            y, extra = (joint, None) if extra is None else (joint[:, :y1.shape[1]], joint[:, y1.shape[1]:])
+        if "specaugment" in self.kinds:
+            s = self.aug.specaugment
+            if self.log_power:
+                x = augment.spec_augment(x, s.freq_mask, s.time_mask, s.n_masks, self.torch_gen)
+            else:  # AST's features are (batch, frames, bins): mask them the right way round
+                x = augment.spec_augment(x.transpose(-1, -2), s.freq_mask, s.time_mask, s.n_masks,
+                                         self.torch_gen).transpose(-1, -2)
+        return x, y, extra
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame           # one row per epoch: train_loss, val_loss, val_<metric>, lr, seconds
+    best_epoch: int
+    best_score: float
+    metric: str
+    stopped_early: bool
+
+
+def predict(model: Classifier, data: FeatureSet, batch_size: int = 64) -> torch.Tensor:
+    """Logits of `model` for every clip of a feature set (whole clips, no augmentation)."""
+    model.eval()
+    with torch.inference_mode():
+        return torch.cat([model.head(data.features[i:i + batch_size]) for i in range(0, len(data), batch_size)])
+
+
+def score(data: FeatureSet, logits: torch.Tensor) -> tuple[str, float]:
+    """The validation score early stopping watches: macro-F1, or mAP for multi-label data."""
+    result = metrics.classification_metrics(data.targets.numpy(), logits.numpy(), data.classes, data.multilabel)
+    name = "mAP" if data.multilabel else "macro_f1"
+    return name, result[name]
+
+
+def _schedule(tp: TrainParams, steps_per_epoch: int) -> Callable[[int], float]:
+    warmup = max(1, round(tp.warmup_epochs * steps_per_epoch))
+    total = tp.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return factor
+
+
+def _pruned_weights(model: Classifier) -> list[torch.Tensor]:
+    """The conv and linear weights of an unstructured-pruned model (see prune.py), else none."""
+    if model.spec.get("pruning", {}).get("kind") != "unstructured":
+        return []
+    return [layer.weight for layer in prunable_layers(model)]
+
+
+def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, params: Params, seed: int,
+        run_dir: str | Path, *, teacher: Classifier | None = None, teacher_logits: torch.Tensor | None = None,
+        kd: tuple[float, float] | None = None, on_epoch: Callable[[dict], None] | None = None,
+        progress: bool = True) -> FitResult:
+    """Train `model` in place and restore its best validation epoch.
+
+    Hard labels only when `kd` is None; otherwise `kd` = (temperature, alpha) and the soft targets
+    come from `teacher_logits` (cached mode: one row per training clip) or from `teacher` run on the
+    augmented batch (consistent mode). `on_epoch` receives each epoch's row (to log it to MLflow).
+    """
+    if kd is not None and (teacher is None) == (teacher_logits is None):
+        raise ValueError("distillation needs exactly one of `teacher` (consistent) or `teacher_logits` (cached)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    # An unstructured-pruned model re-trains with its zeros kept: they are put back after every step.
+    zeros = [(w, w.detach() != 0) for w in _pruned_weights(model)]
+    params_list = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params_list, lr=tp.lr, weight_decay=tp.weight_decay)
+    steps = math.ceil(len(train) / tp.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tp, steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on CUDA only
+    # AST reads a fixed number of frames (its position embeddings): it always gets whole clips.
+    crop = None
+    if tp.crop_seconds is not None and model.spec["kind"] != "ast":
+        crop = round(tp.crop_seconds * model.sample_rate / model.spec["features"]["hop_length"])
+    aug = FeatureAugment(params, model, seed, tp.augment, crop)
+    order_gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    best = {"epoch": -1, "score": -math.inf, "state": copy.deepcopy(model.state_dict())}
+    start_epoch, bad_epochs = 0, 0
+
+    last = run_dir / "last.pt"
+    if last.is_file():  # resume an interrupted run exactly where it stopped
+        state = torch.load(last, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        aug.rng.bit_generator.state = state["aug_rng"]
+        aug.torch_gen.set_state(state["aug_torch"])
+        order_gen.set_state(state["order"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from torch's global generator
+        start_epoch = len(history)
+        print(f"resuming {run_dir.name} after epoch {start_epoch}")
+
+    metric = "mAP" if val.multilabel else "macro_f1"
+    # Cached soft targets travel with the labels through mixup, so they are kept as probabilities.
+    soft = None if teacher_logits is None else soft_targets(teacher_logits, kd[0], train.multilabel)
+    for epoch in range(start_epoch, tp.epochs):
+        if bad_epochs >= tp.patience:
+            break
+        model.train()
+        t0, total, seen = time.perf_counter(), 0.0, 0
+        order = torch.randperm(len(train), generator=order_gen)
+        batches = [order[i:i + tp.batch_size] for i in range(0, len(train), tp.batch_size)]
+        for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{tp.epochs}", disable=not progress, leave=False):
+            x, y, probs = aug(train.features[idx], train.targets[idx], None if soft is None else soft[idx])
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, enabled=device.type == "cuda"):
+                logits = model.head(x)
+                if kd is None:
+                    loss = hard_loss(logits, y, train.multilabel, tp.label_smoothing)
+                else:
+                    if teacher is not None:  # consistent: the teacher sees this very batch
+                        with torch.no_grad():
+                            t_logits = teacher.head(x)
+                    else:
+                        t_logits = logits_at(probs.to(device), kd[0], train.multilabel)
+                    loss = distillation_loss(logits, t_logits, y, kd[0], kd[1], train.multilabel)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            with torch.no_grad():
+                for weight, mask in zeros:
+                    weight.mul_(mask)
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        val_logits = predict(model, val)
+        val_loss = hard_loss(val_logits, val.targets, val.multilabel).item()
+        _, val_score = score(val, val_logits)
+        row = {"epoch": epoch + 1, "train_loss": total / seen, "val_loss": val_loss, f"val_{metric}": val_score,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        history.append(row)
+        if val_score > best["score"]:
+            best = {"epoch": epoch + 1, "score": val_score, "state": copy.deepcopy(model.state_dict())}
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        with atomic_path(last) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "history": history, "best": best,
+                        "bad_epochs": bad_epochs, "aug_rng": aug.rng.bit_generator.state,
+                        "aug_torch": aug.torch_gen.get_state(), "order": order_gen.get_state(),
+                        "torch_rng": torch.get_rng_state()}, tmp)
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, "
+                  f"val {metric} {val_score:.3f} ({row['seconds']:.0f} s)")
+        if on_epoch is not None:
+            on_epoch(row)
+    model.load_state_dict(best["state"])
+    model.cpu().eval()
+    write_json(run_dir / "history.json", history)
+    return FitResult(pd.DataFrame(history), best["epoch"], best["score"], metric,
+                     stopped_early=len(history) < tp.epochs)
