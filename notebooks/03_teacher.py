@@ -139,7 +139,7 @@ display(Image(filename=str(params.output_dir / "figures" / "teacher_confusion_he
 # a one-hot label cannot carry.
 
 # %%
-checkpoint = params.output_dir / "models" / "teacher" / "model.pt"
+checkpoint = runs.checkpoint_path(params, "teacher")
 soft_labels.cache_teacher_logits(params, teacher, checkpoint, sets)
 logits, cached_identity = soft_labels.load_teacher_logits(params, sets)
 assert cached_identity == identity

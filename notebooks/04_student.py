@@ -29,7 +29,7 @@ from IPython.display import Image, display
 
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment import report, runs, training
 from audiokd_lib.experiment.params import load_params
 from audiokd_lib.models import students
 
@@ -91,5 +91,5 @@ display(Image(filename=str(params.output_dir / "figures" / f"student-baseline-se
 # %%
 table = runs.results_table(params, ["teacher", "student-baseline"])
 display(table)
-display(runs.seed_summary(table, "heldout macro-F1" if "heldout macro-F1" in table else "test macro-F1",
+display(runs.seed_summary(table, report.main_score(table),
                           by="variant"))

@@ -43,7 +43,7 @@ from IPython.display import Markdown, display
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import distill, soft_labels
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment import report, runs, training
 from audiokd_lib.experiment.params import load_params
 from audiokd_lib.models import checkpoints, students
 
@@ -55,7 +55,7 @@ stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", param
                        tables.fingerprint(clips))
 student = students.build_student(params, classes, stats)
 sets = runs.feature_sets(params, clips, student)
-teacher = checkpoints.load_checkpoint(params.output_dir / "models" / "teacher" / "model.pt")
+teacher = checkpoints.load_checkpoint(runs.checkpoint_path(params, "teacher"))
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 kd = (params.kd.temperature, params.kd.alpha)
 print(f"teacher: {identity}; T = {kd[0]:g}, alpha = {kd[1]:g}; modes {params.kd.modes}; seeds {params.train.seeds}")
@@ -111,7 +111,7 @@ display(table)
 # difference smaller than the spread between seeds of the same recipe is not a difference.
 
 # %%
-score = "heldout macro-F1" if "heldout macro-F1" in table else "test macro-F1"
+score = report.main_score(table)
 summary = runs.seed_summary(table, score, by="variant")
 display(summary)
 display(Markdown(runs.verdict(summary, score)))

@@ -51,7 +51,7 @@ clips = tables.load_clip_table(params, "clips")
 
 # %%
 source = runs.best_run(params, params.prune.source)
-student = checkpoints.load_checkpoint(params.output_dir / "models" / source["model"] / "model.pt")
+student = checkpoints.load_checkpoint(runs.checkpoint_path(params, source["model"]))
 sets = runs.feature_sets(params, clips, student)
 example = sets["val"].features[:1]
 metric = "mAP" if student.spec.get("multilabel") else "macro_f1"

@@ -50,7 +50,7 @@ print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {p
 # alpha). `labels`: cross-entropy on the labels only. All runs train side by side, as in 04 and 05.
 
 # %%
-first = checkpoints.load_checkpoint(params.output_dir / "models" / pruned_runs["model"].iloc[0] / "model.pt")
+first = checkpoints.load_checkpoint(runs.checkpoint_path(params, pruned_runs["model"].iloc[0]))
 sets = runs.feature_sets(params, clips, first)
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 jobs = []
@@ -59,7 +59,7 @@ for name, variant in zip(pruned_runs["model"], pruned_runs["variant"]):
         kd = mode == "kd"
         jobs.append(runs.RunJob(
             "student-rekd" if kd else "student-finetuned", f"{name}-{'rekd' if kd else 'finetuned'}",
-            checkpoints.load_checkpoint(params.output_dir / "models" / name / "model.pt"), params.prune.train.seeds[0],
+            checkpoints.load_checkpoint(runs.checkpoint_path(params, name)), params.prune.train.seeds[0],
             tags={"variant": f"{variant} + {'re-KD' if kd else 'labels'}", "source": name,
                   "teacher": identity if kd else "none (labels only)"},
             teacher_logits=teacher_logits["train"] if kd else None,

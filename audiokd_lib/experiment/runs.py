@@ -97,7 +97,7 @@ def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], nam
              ) -> tuple[dict[str, float], list[Path]]:
     """Metrics on the test and heldout splits, with per-class reports and figures saved."""
     results, artifacts = {}, []
-    out = params.output_dir / "models" / name
+    out = model_dir(params, name)
     for split in EVAL_SPLITS:
         if split not in sets:
             continue
@@ -216,8 +216,18 @@ def _default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def model_dir(params: Params, name: str) -> Path:
+    """The folder of the model run called `name`: its checkpoint, history, figures and reports."""
+    return params.output_dir / "models" / name
+
+
+def checkpoint_path(params: Params, name: str) -> Path:
+    """The best weights of the model run called `name` (e.g. "teacher", "student-kd-cached-seed0")."""
+    return model_dir(params, name) / "model.pt"
+
+
 def _run_dir(params: Params, job: RunJob) -> Path:
-    return params.output_dir / "models" / job.name
+    return model_dir(params, job.name)
 
 
 def _job_tags(job: RunJob) -> dict[str, str]:
@@ -230,7 +240,7 @@ def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], 
     clearing a run folder whose settings changed."""
     run_dir = _run_dir(params, job)
     key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": job.kd})
-    done_file, checkpoint = run_dir / "done.json", run_dir / "model.pt"
+    done_file, checkpoint = run_dir / "done.json", checkpoint_path(params, job.name)
     if done_file.is_file() and checkpoint.is_file():
         done = json.loads(done_file.read_text())
         runs = tracking.runs_frame(params, job.role)
@@ -288,7 +298,7 @@ def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: F
              params_file: str | Path | None) -> pd.Series:
     """Evaluate a job's model, save its checkpoint and figures, and log all of it as one MLflow run."""
     run_dir, model = _run_dir(params, job), job.model
-    checkpoint = run_dir / "model.pt"
+    checkpoint = checkpoint_path(params, job.name)
     tags = {"model": job.name, "teacher": "none (labels only)",
             "dataset_fingerprint": sets["train"].data_fingerprint, **_job_tags(job)}
     with tracking.start_run(params, job.role, job.name, tags, params_file) as run:
