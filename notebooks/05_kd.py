@@ -37,14 +37,22 @@
 params_file = "params/quick.yaml"
 
 # %%
+import numpy as np
+import pandas as pd
 import torch
+import torch.nn.functional as F
 from IPython.display import Markdown, display
 
+from audiokd_lib.audio import augment
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import distill, soft_labels
+from audiokd_lib.compress.soft_labels import teacher_logits_path
 from audiokd_lib.data import tables
 from audiokd_lib.experiment import report, runs, training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.losses import hard_loss
+from audiokd_lib.experiment.params import Params, load_params
+from audiokd_lib.experiment.training import FeatureSet
+from audiokd_lib.files import file_digest
 from audiokd_lib.models import checkpoints, students
 
 params = load_params(params_file)
@@ -61,16 +69,117 @@ kd = (params.kd.temperature, params.kd.alpha)
 print(f"teacher: {identity}; T = {kd[0]:g}, alpha = {kd[1]:g}; modes {params.kd.modes}; seeds {params.train.seeds}")
 
 # %% [markdown]
-# ## The loss, checked by hand
+# ## The loss, in code
 #
+# This is the function the training loop calls, as the library has it (`audiokd_lib/compress/distill.py`;
+# a test checks that the two copies are the same code). `hard_loss` is cross-entropy for one label per
+# clip and binary cross-entropy for multi-label data. PyTorch's `kl_div` takes the student's
+# log-probabilities first; with `log_target=True` the teacher's come as log-probabilities too, which
+# is exact where a probability underflows.
+
+# %%
+# lesson code: audiokd_lib.compress.distill.distillation_loss
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
+                      alpha: float, multilabel: bool = False) -> torch.Tensor:
+    """Hinton distillation: alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * hard loss.
+
+    The T^2 factor keeps the soft term's gradients on the same scale as the hard term's when T
+    changes (soft gradients shrink as 1/T^2). For multi-label data every class is its own yes/no
+    question: BCE against the teacher's sigmoid(z_t / T), mixed with the hard-label BCE.
+    """
+    t = temperature
+    if multilabel:
+        soft = F.binary_cross_entropy_with_logits(student / t, torch.sigmoid(teacher / t))
+    else:
+        soft = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                        reduction="batchmean", log_target=True)
+    return alpha * t * t * soft + (1 - alpha) * hard_loss(student, targets, multilabel)
+
+
+# %% [markdown]
 # Before training on it, two limits the formula must obey: with $\alpha = 0$ it is plain cross-entropy,
 # and a student whose logits equal the teacher's pays nothing for the soft term.
 
 # %%
 z_s, z_t, y = torch.randn(4, len(classes)), torch.randn(4, len(classes)), torch.tensor([0, 1, 2, 3])
-assert torch.isclose(distill.distillation_loss(z_s, z_t, y, 3.0, 0.0), torch.nn.functional.cross_entropy(z_s, y))
-assert torch.isclose(distill.distillation_loss(z_t, z_t, y, 3.0, 1.0), torch.tensor(0.0), atol=1e-6)
+assert torch.isclose(distillation_loss(z_s, z_t, y, 3.0, 0.0), F.cross_entropy(z_s, y))
+assert torch.isclose(distillation_loss(z_t, z_t, y, 3.0, 1.0), torch.tensor(0.0), atol=1e-6)
 print("alpha = 0 is cross-entropy; identical logits give a zero soft term")
+
+# %% [markdown]
+# ## Cached soft labels meet mixup
+#
+# Mixup trains on $\lambda x_i + (1-\lambda) x_j$ with the label $\lambda y_i + (1-\lambda) y_j$. A
+# cached soft label must be mixed the same way, with the *same* $\lambda$ and the same partner $j$,
+# or it would describe another sound than the one the student hears (EfficientAT mixes its stored
+# teacher predictions exactly so). Logits cannot be averaged meaningfully, probabilities can: the
+# training loop turns the cached logits into probabilities at temperature $T$ once, mixes them
+# together with the one-hot labels in a single `mixup` call (one $\lambda$, one permutation for both),
+# and turns the mixed probabilities back into logits for the loss:
+
+# %%
+# lesson code: audiokd_lib.compress.distill.soft_targets
+def soft_targets(teacher_logits: torch.Tensor, temperature: float, multilabel: bool) -> torch.Tensor:
+    """The teacher's probabilities at temperature T: what mixup may mix (logits cannot be mixed)."""
+    return torch.sigmoid(teacher_logits / temperature) if multilabel else F.softmax(teacher_logits / temperature, 1)
+
+
+# lesson code: audiokd_lib.compress.distill.logits_at
+def logits_at(probs: torch.Tensor, temperature: float, multilabel: bool) -> torch.Tensor:
+    """Logits z with softmax(z / T) (or sigmoid(z / T)) equal to `probs`: the inverse of soft_targets."""
+    probs = probs.clamp(1e-7, 1 - 1e-7)
+    return temperature * (torch.logit(probs) if multilabel else probs.log())
+
+
+# %% [markdown]
+# One batch of four training clips, mixed as the training loop mixes them: labels and soft labels
+# side by side in one tensor, so one draw of $\lambda$ and one permutation serve both. Each mixed soft
+# label is the same blend of the two clips' soft labels as the mixed one-hot label is of their labels.
+
+# %%
+T = params.kd.temperature
+probs = soft_targets(teacher_logits["train"][:4], T, multilabel=False)
+one_hot = F.one_hot(sets["train"].targets[:4], len(classes)).float()
+mixed_x, mixed_joint, lam = augment.mixup(sets["train"].features[:4].exp(), torch.cat([one_hot, probs], dim=1),
+                                          alpha=0.3, generator=np.random.default_rng(0), p=1.0)
+mixed_labels, mixed_probs = mixed_joint[:, :len(classes)], mixed_joint[:, len(classes):]
+assert torch.allclose(mixed_probs.sum(dim=1), torch.ones(4))  # still a distribution
+assert torch.allclose(soft_targets(logits_at(mixed_probs, T, False), T, False), mixed_probs, atol=1e-4)
+display(pd.DataFrame({"label weight of the top class": mixed_labels.max(dim=1).values.numpy().round(2),
+                      "teacher's top class after mixing": [classes[i] for i in mixed_probs.argmax(dim=1)]}))
+
+# %% [markdown]
+# ## The teacher-logit cache
+#
+# Notebook 03 ran the teacher once over every clip and saved its logits with the teacher's identity,
+# the hash of its checkpoint and the clips' paths. Loading checks all three, so a re-trained teacher
+# or a changed dataset can never be paired with stale soft labels:
+
+# %%
+# lesson code: audiokd_lib.compress.soft_labels.load_teacher_logits
+def load_teacher_logits(params: Params, sets: dict[str, FeatureSet]) -> tuple[dict[str, torch.Tensor], str]:
+    """The cached soft labels for these feature sets, checked against the teacher and the clips."""
+    path = teacher_logits_path(params)
+    checkpoint = path.with_name("model.pt")
+    if not path.is_file() or not checkpoint.is_file():
+        raise FileNotFoundError(f"{path}: no cached teacher logits; run notebook 03_teacher first")
+    saved = torch.load(path, weights_only=True)
+    if saved["checkpoint_sha256"] != file_digest(checkpoint):
+        raise ValueError(f"{path} was made by another teacher checkpoint than {checkpoint}; re-run notebook 03")
+    out = {}
+    for split, data in sets.items():
+        cached = saved["splits"].get(split)
+        if cached is None or cached["paths"] != data.paths or saved["classes"] != data.classes:
+            raise ValueError(f"{path}: the cached logits of split {split!r} belong to other clips or classes "
+                             "(the dataset changed); re-run notebook 03")
+        out[split] = cached["logits"]
+    return out, saved["identity"]
+
+
+# %%
+again, _ = load_teacher_logits(params, sets)
+assert all(torch.equal(again[split], teacher_logits[split]) for split in sets)
+print({split: tuple(logits.shape) for split, logits in again.items()}, "logits (clips, classes) per split")
 
 # %% [markdown]
 # ## Training: both modes, every seed

@@ -27,7 +27,7 @@ from typing import Literal
 
 import thop
 import torch
-import torch_pruning as tp
+import torch_pruning
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -129,21 +129,10 @@ def prune_channels(
 ) -> Classifier:
     """A copy with the fraction `ratio` of channels removed from every coupled group of layers.
 
-    `example` holds features as `model.head` takes them, (1, 1, mels, frames); torch-pruning runs it
-    once to trace which layers share channels. Each group keeps its own share 1 - `ratio` (local, not
-    global ranking), and the last linear layer keeps its outputs, so the classes stay.
-
-    `importance` ranks the channels of a group: "l1" by the L1 norm of their weights (no data needed);
-    "taylor" by |weight x gradient|, averaged over the group's layers (Molchanov et al., 2019), an estimate of how
-    much the loss would change without the channel. Taylor needs `calibration`, a batch of
-    (features, targets) as training uses them, to compute the gradients on.
-
-    `round_to` keeps channel counts multiples of it (8 matches torchvision's own widths), rounding the
-    kept channels down; a group too narrow to round is not pruned. Off by default, so that `ratio`
-    means what it says in every layer; in our CPU timings rounding made no consistent difference.
-
-    The copy is returned in the mode `model` was in, with the channels physically gone: fewer
-    parameters, fewer MACs, smaller checkpoint.
+    `example` (features as `model.head` takes them) lets torch-pruning trace which layers share
+    channels. Each group keeps its own share 1 - `ratio`; the last linear layer keeps its outputs.
+    `importance`: "l1" (weight norms) or "taylor" (|weight x gradient| on the `calibration` batch of
+    (features, targets)). `round_to` keeps channel counts multiples of it (off by default).
     """
     if importance not in ("l1", "taylor"):
         raise ValueError(f"importance must be 'l1' or 'taylor', got {importance!r}")
@@ -154,12 +143,13 @@ def prune_channels(
         features, targets = calibration
         pruned.zero_grad(set_to_none=True)
         hard_loss(pruned.head(features), targets, pruned.spec["multilabel"]).backward()
-        scorer = tp.importance.GroupTaylorImportance()
+        scorer = torch_pruning.importance.GroupTaylorImportance()
     else:
-        scorer = tp.importance.GroupMagnitudeImportance(p=1)
+        scorer = torch_pruning.importance.GroupMagnitudeImportance(p=1)
     classifier = [module for module in pruned.net.modules() if isinstance(module, nn.Linear)][-1]
-    pruner = tp.pruner.BasePruner(pruned.net, pruned.normalise(example), importance=scorer, pruning_ratio=ratio,
-                                  global_pruning=False, ignored_layers=[classifier], round_to=round_to)
+    pruner = torch_pruning.pruner.BasePruner(pruned.net, pruned.normalise(example), importance=scorer,
+                                             pruning_ratio=ratio, global_pruning=False,
+                                             ignored_layers=[classifier], round_to=round_to)
     pruner.step()
     pruned.zero_grad(set_to_none=True)
     pruned.spec["pruning"] = {"kind": "structured", "ratio": ratio, "importance": importance}
