@@ -24,14 +24,18 @@
 params_file = "params/quick.yaml"
 
 # %%
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from IPython.display import Image, display
 
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import report, runs, training
+from audiokd_lib.experiment import losses, report, runs, training
 from audiokd_lib.experiment.params import load_params
 from audiokd_lib.models import students
+from audiokd_lib.models.classifier import Classifier
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
@@ -60,9 +64,75 @@ print(student.net.features[0])
 print(student.net.classifier)
 
 # %% [markdown]
+# ## One training step
+#
+# Every classifier of the course (teacher, students, the detector of notebook 08) learns through this
+# one step on a batch of cached log-mel features: the network's logits, a loss on them, the gradients,
+# one AdamW update, one move of the learning-rate schedule. Only the loss changes from notebook to
+# notebook, so it comes in as `loss_fn`, a function of the logits that already knows the batch's
+# targets: here cross-entropy on the labels (`losses.hard_loss`), in notebook 05 Hinton's
+# distillation loss. On CUDA the forward pass runs in mixed precision and the `GradScaler` scales the
+# loss so that small float16 gradients survive; on a CPU both are switched off.
+
+# %%
+# lesson code: audiokd_lib.experiment.training.train_step
+def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One optimisation step on one batch of features: forward, loss, backward, optimiser, schedule."""
+    with torch.autocast(x.device.type, enabled=scaler.is_enabled()):  # mixed precision where the scaler works
+        loss = loss_fn(model.head(x))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # scaled up, so that small float16 gradients do not round to zero
+    scaler.step(optimizer)  # unscales first, and skips the step if a gradient overflowed
+    scaler.update()
+    scheduler.step()  # the learning rate moves every step: linear warm-up, then cosine decay
+    return loss.detach()
+
+
+# %% [markdown]
+# A few steps on one real batch of training features (the cache notebook 03 filled; the students
+# share the teacher's front end), with a fresh student and a constant learning rate. The same batch
+# every time, so the loss must fall: the first sanity check of any training code is that a model can
+# learn one batch by heart.
+
+# %%
+sets = runs.feature_sets(params, clips, student)
+batch = torch.randperm(len(sets["train"]), generator=torch.Generator().manual_seed(0))[:params.train.batch_size]
+x, y = sets["train"].features[batch], sets["train"].targets[batch]
+trial = students.build_student(params, classes, stats, seed=params.train.seeds[0]).train()
+optimizer = torch.optim.AdamW(trial.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+scaler = torch.amp.GradScaler("cuda", enabled=False)  # on the CPU: full precision
+loss_fn = partial(losses.hard_loss, targets=y, multilabel=sets["train"].multilabel,
+                  label_smoothing=params.train.label_smoothing)
+for step in range(5):
+    print(f"step {step + 1}: loss {train_step(trial, x, loss_fn, optimizer, scheduler, scaler).item():.3f}")
+
+# %% [markdown]
+# ## Around the step: the epoch loop
+#
+# `training.fit` runs that step inside the loop every training of the course shares
+# (`experiment.loop.EpochLoop`; the separator of notebook 08 uses it too). One epoch:
+#
+# 1. **shuffle** the training clips (with a generator seeded by the run's seed) and cut them into
+#    batches of `train.batch_size`;
+# 2. **augment** each batch on its cached features: a random crop of `train.crop_seconds`, then the
+#    kinds in `train.augment` (gain, noise, SpecAugment, mixup);
+# 3. one **step** per batch, as above; the schedule warms up linearly for `train.warmup_epochs`, then
+#    decays along a cosine to zero at the last epoch;
+# 4. **validate** on the whole `val` clips: loss and macro-F1;
+# 5. **keep the best**: a copy of the weights whenever macro-F1 is the best so far; after
+#    `train.patience` epochs without a better one, **stop early**;
+# 6. **save** everything needed to go on (weights, optimiser, schedule, history, random generators)
+#    to `last.pt`, so an interrupted run resumes exactly where it stopped.
+#
+# At the end the best epoch's weights are put back: the model evaluated and saved is the one
+# validation chose, not the last one. What is left to the library: resuming, worker processes,
+# MLflow logging and the reuse of finished runs.
+#
 # ## Training, one run per seed
 #
-# Features come from the cache notebook 03 filled (the students share the teacher's front end).
 # Each run logs its settings, per-epoch losses, final metrics and checkpoint to MLflow; a run that
 # already finished with the same settings is reused, an interrupted one resumes.
 #
@@ -72,7 +142,6 @@ print(student.net.classifier)
 # Evaluation and the latency measurement come afterwards, one run at a time, on a quiet machine.
 
 # %%
-sets = runs.feature_sets(params, clips, student)
 jobs = [runs.RunJob("student-baseline", f"student-baseline-seed{seed}",
                     students.build_student(params, classes, stats, seed=seed), seed, tags={"variant": "baseline"})
         for seed in params.train.seeds]

@@ -65,8 +65,9 @@ student = students.build_student(params, classes, stats)
 sets = runs.feature_sets(params, clips, student)
 teacher = checkpoints.load_checkpoint(runs.checkpoint_path(params, "teacher"))
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
-kd = (params.kd.temperature, params.kd.alpha)
-print(f"teacher: {identity}; T = {kd[0]:g}, alpha = {kd[1]:g}; modes {params.kd.modes}; seeds {params.train.seeds}")
+kd = params.kd
+print(f"teacher: {identity}; T = {kd.temperature:g}, alpha = {kd.alpha:g}; modes {kd.modes}; "
+      f"seeds {params.train.seeds}")
 
 # %% [markdown]
 # ## The loss, in code

@@ -63,7 +63,7 @@ for name, variant in zip(pruned_runs["model"], pruned_runs["variant"]):
             tags={"variant": f"{variant} + {'re-KD' if kd else 'labels'}", "source": name,
                   "teacher": identity if kd else "none (labels only)"},
             teacher_logits=teacher_logits["train"] if kd else None,
-            kd=(params.kd.temperature, params.kd.alpha) if kd else None))
+            kd=params.kd if kd else None))
 retrained = runs.train_many(params, jobs, sets, tp=params.prune.train, params_file=params_file)
 
 # %%

@@ -32,15 +32,14 @@
 params_file = "params/quick.yaml"
 
 # %%
-import hashlib
 import json
 import os
-from dataclasses import asdict
 from html import escape
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from IPython.display import HTML, Image, Markdown, display
@@ -53,6 +52,8 @@ from audiokd_lib.experiment import metrics, runs, tracking, training
 from audiokd_lib.experiment.params import load_params
 from audiokd_lib.models import students, teachers
 from audiokd_lib.separation import crnn, quality, stem_selection
+from audiokd_lib.separation.crnn import MaskCRNN, level
+from audiokd_lib.separation.quality import SDR_CLAMP_DB
 from audiokd_lib.separation.separator import load_demucs, open_separator, separate
 
 params = load_params(params_file)
@@ -69,53 +70,61 @@ print(f"profile {params.profile}: {len(pieces)} pieces of {params.data.pieces.se
 # time-frequency bin, which share of it belongs to each of the four groups: a softmax over the groups,
 # so the four masks add up to one and the four stems add up to the mixture. A convolutional encoder
 # halves the frequency axis block by block, a bidirectional GRU reads the whole segment frame by frame
-# at the bottom, and a U-Net decoder climbs back with skip connections. Each stem is its mask times the
-# mixture's complex STFT, inverted: the mixture's phase is kept.
+# at the bottom, and a U-Net decoder climbs back with skip connections (`MaskCRNN.masks`).
 #
+# Given the masks, separating takes three lines: each stem is its mask times the mixture's complex
+# STFT, inverted. A mask is a real number per bin, so every stem keeps the mixture's phase; what the
+# network decides is only how the mixture's energy is shared out. This is the CRNN's forward pass:
+
+# %%
+# lesson code: audiokd_lib.separation.crnn.masked_stems
+def masked_stems(model: MaskCRNN, mix: torch.Tensor) -> torch.Tensor:
+    """Mixtures (batch, 1, samples) -> stems (batch, sources, 1, samples): each mask times the mixture's STFT."""
+    batch, _, samples = mix.shape
+    spectrum = model.stft(mix[:, 0])
+    stems = model.masks(spectrum) * spectrum[:, None]  # complex: every stem keeps the mixture's phase
+    waves = torch.istft(stems.flatten(0, 1), model.n_fft, model.hop, window=model.window, length=samples)
+    return waves.reshape(batch, len(model.sources), 1, samples)
+
+
+# %% [markdown]
 # Training examples are made on the fly: two-second crops of the group stems, remixed at random gains,
 # half of them from one piece (music that belongs together) and half from different pieces (so the
-# network cannot lean on which instruments usually play together). The loss is the L1 distance between
-# masked and true magnitudes. Training stops after `separation.crnn.epochs`, after `patience` epochs
-# without a lower validation loss, or when `time_budget_s` is spent, and keeps its best epoch.
+# network cannot lean on which instruments usually play together).
+#
+# The loss compares magnitudes, not waveforms: the L1 distance between each masked mixture magnitude
+# and the true group's magnitude, bin by bin. Since the phase is the mixture's anyway, a waveform loss
+# would mostly punish what the masks cannot change. Each example is divided by its mixture's level
+# (`crnn.level`, the RMS magnitude of its STFT), so a quiet crop counts as much as a loud one.
+
+# %%
+# lesson code: audiokd_lib.separation.crnn.magnitude_loss
+def magnitude_loss(model: MaskCRNN, mixture: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """L1 distance between masked mixture magnitudes and the sources' magnitudes, at the mixture's level.
+
+    Dividing by the mixture's level makes every example count the same, however loud it is.
+    """
+    spectrum = model.stft(mixture)
+    targets = model.stft(sources.flatten(0, 1)).abs().reshape(*sources.shape[:2], *spectrum.shape[1:])
+    estimates = model.masks(spectrum) * spectrum.abs()[:, None]
+    return ((estimates - targets).abs() / level(spectrum)[:, None]).mean()
+
+
+# %% [markdown]
+# Training stops after `separation.crnn.epochs`, after `patience` epochs without a lower validation
+# loss (on whole validation pieces, not remixed), or when `time_budget_s` is spent, and keeps its best
+# epoch: the same epoch loop as the classifiers' (notebook 04), with this step and this loss.
 #
 # This is one run with nothing beside it, so it gets every core the profile lets training use
-# (`workers` processes of `threads` threads each). It is logged to MLflow as a run of role `separator`,
-# with its checkpoint at the root of the run's artifacts (where `audiokd separate --separator crnn`
-# finds it). A finished run with the same settings and pieces is reused, not trained again.
+# (`workers` processes of `threads` threads each). `runs.train_separator` trains it, measures it and
+# logs it to MLflow as a run of role `separator`, with its checkpoint at the root of the run's
+# artifacts (where `audiokd separate --separator crnn` finds it). A finished run with the same
+# settings and pieces is reused, not trained again.
 
 # %%
 separator_threads = (params.workers or len(os.sched_getaffinity(0))) * params.threads
 torch.set_num_threads(separator_threads)
-settings = json.dumps({"crnn": cp.model_dump(), "pieces": tables.fingerprint(pieces), "seed": params.seed},
-                      sort_keys=True)
-crnn_key = hashlib.sha256(settings.encode()).hexdigest()[:12]
-run_dir = params.output_dir / "models" / f"separator-crnn-{crnn_key}"
-earlier = tracking.runs_frame(params, "separator")
-if len(earlier) and earlier.iloc[0].get("settings") == crnn_key:
-    print(f"separator already trained with these settings (MLflow run {earlier.iloc[0]['run_id'][:8]}); reusing it")
-else:
-    separator = crnn.build_crnn(cp, sample_rate, seed=params.seed)
-    tags = {"model": "separator-crnn", "settings": crnn_key, "dataset_fingerprint": tables.fingerprint(pieces)}
-    with tracking.start_run(params, "separator", "separator-crnn", tags, params_file):
-        result = crnn.train_crnn(
-            separator, pieces[pieces["split"] == "train"], pieces[pieces["split"] == "val"], cp, run_dir,
-            seed=params.seed,
-            on_epoch=lambda row: tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, row["epoch"]))
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.plot(result.history["epoch"], result.history["train_loss"], "o-", label="train loss (remixed crops)")
-        ax.plot(result.history["epoch"], result.history["val_loss"], "o-", label="val loss (whole pieces)")
-        ax.set(xlabel="epoch", ylabel="L1 magnitude loss", title=f"separator-crnn (stopped: {result.stopped})")
-        ax.legend()
-        curve = plots.save_fig(fig, params, "separator-crnn_loss")
-        plt.close(fig)
-        # One second of audio is the clip every separator cost below is measured on.
-        cost = metrics.complexity(separator, torch.zeros(1, 1, sample_rate), result.checkpoint,
-                                  threads=separator_threads, repeats=5, warmup=1, batch=8)
-        tracking.log_final({**asdict(cost), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                            "epochs_run": len(result.history), "train_seconds": float(result.history["seconds"].sum())})
-        mlflow.set_tag("stopped", result.stopped)
-        tracking.log_artifacts([result.checkpoint, curve])
-separator_run = tracking.latest_run(params, "separator")
+separator_run = runs.train_separator(params, pieces, params_file)
 separator = open_separator("crnn", params)
 display(Image(filename=str(tracking.artifact_path(separator_run, "separator-crnn_loss.png"))))
 print(f"separator-crnn: {int(separator_run['params']):,} parameters, {separator_run['size_mb']:.1f} MB; per second "
@@ -148,30 +157,50 @@ print(f"separator-crnn: {int(separator_run['params']):,} parameters, {separator_
 # `gain_over_mixture` is the average minus the mixture's; `rtf` (real-time factor) is seconds spent
 # separating per second of audio, here on the threads above. `separation.eval_pieces` caps the pieces
 # scored per split (null: all of them).
+#
+# The SDR itself comes from fast_bss_eval: BSS Eval finds the 512-tap filter that best turns the true
+# stem into the estimate, calls what that filter explains the signal and the rest distortion, and
+# reports their power ratio in dB. An estimate that equals its reference would score infinity; the
+# score is clamped at `SDR_CLAMP_DB`.
+
+# %%
+# lesson code: audiokd_lib.separation.quality.sdr
+def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
+    """SDR in dB of one estimate against its reference (BSS Eval v4, 512-tap distortion filter).
+
+    fast_bss_eval's numpy backend in float64 (its torch backend crashed on these machines). One
+    reference at a time: given several, fast_bss_eval would pick the best permutation, which flatters.
+    """
+    import fast_bss_eval
+
+    value = fast_bss_eval.sdr(np.asarray(reference, np.float64)[None], np.asarray(estimate, np.float64)[None],
+                              clamp_db=SDR_CLAMP_DB)
+    return float(np.asarray(value).reshape(-1)[0])
+
 
 # %%
 eval_sets = {split: pieces[pieces["split"] == split].head(sp.eval_pieces) for split in ("test", "heldout")}
-sdr = {split: quality.evaluate(rows, {"CRNN": separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
-                                sp.overlap) for split, rows in eval_sets.items() if len(rows)}
-sdr_table = pd.concat({split: scores.table() for split, scores in sdr.items()}, names=["split", "method"])
+sdr_scores = {split: quality.evaluate(rows, {"CRNN": separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
+                                       sp.overlap) for split, rows in eval_sets.items() if len(rows)}
+sdr_table = pd.concat({split: scores.table() for split, scores in sdr_scores.items()}, names=["split", "method"])
 display(sdr_table.round(2))
 print(f"{', '.join(f'{len(rows)} {split}' for split, rows in eval_sets.items())} pieces; "
       f"whole-track SDR in dB, mean over tracks; RTF on {separator_threads} thread(s)")
 
 # %%
 tracking.setup(params)
+separator_dir = runs.model_dir(params, separator_run["model"])
 with mlflow.start_run(run_id=separator_run["run_id"]):  # the SDRs join the separator's own run
-    for split, scores in sdr.items():
+    for split, scores in sdr_scores.items():
         table = scores.table()
         tracking.log_final({f"{'rtf' if column == 'rtf' else f'sdr_{column}'}_{method.replace(' ', '_')}": value
                             for method, row in table.iterrows() for column, value in row.items() if pd.notna(value)},
                            prefix=f"{split}_")  # e.g. test_sdr_average_CRNN, heldout_rtf_CRNN
-        run_dir.mkdir(parents=True, exist_ok=True)
-        scores.per_track.to_csv(run_dir / f"sdr_{split}.csv", index=False)
-        tracking.log_artifacts([run_dir / f"sdr_{split}.csv"], folder="sdr")
+        scores.per_track.to_csv(separator_dir / f"sdr_{split}.csv", index=False)
+        tracking.log_artifacts([separator_dir / f"sdr_{split}.csv"], folder="sdr")
 
-fig, axes = plt.subplots(1, len(sdr), figsize=(5 * len(sdr), 3.2), sharey=True, squeeze=False)
-for ax, (split, scores) in zip(axes[0], sdr.items()):
+fig, axes = plt.subplots(1, len(sdr_scores), figsize=(5 * len(sdr_scores), 3.2), sharey=True, squeeze=False)
+for ax, (split, scores) in zip(axes[0], sdr_scores.items()):
     scores.table().drop(columns=["gain_over_mixture", "rtf"]).T.plot.bar(ax=ax, rot=0, title=f"{split} pieces",
                                                                          legend=False)
     ax.set(ylabel="SDR (dB)")
@@ -220,7 +249,8 @@ detector_params = params.model_copy(update={
 classes = list(taxonomy.OPENMIC_CLASSES)
 stats = compute_norm_stats(pieces, detector_params.features, detector_params.fingerprint("features"),
                            tables.fingerprint(pieces))
-sets = runs.feature_sets(detector_params, pieces, students.build_student(detector_params, classes, stats, multilabel=True))
+sets = runs.feature_sets(detector_params, pieces,
+                         students.build_student(detector_params, classes, stats, multilabel=True))
 print({split: tuple(s.features.shape) for split, s in sets.items()})
 print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f} on average; "
       f"classes without a training piece: {[c for c, n in zip(classes, sets['train'].targets.sum(0)) if n == 0]}")
@@ -266,7 +296,6 @@ display(teacher_table.round(3))
 # (classes absent from the pieces) and noise elsewhere.
 
 # %%
-kd = (params.kd.temperature, params.kd.alpha)
 seed = sp.detector.seeds[0]
 teacher_name = f"{teachers.teacher_identity(audioset)}, zero-shot, calibrated"
 jobs = [
@@ -275,7 +304,7 @@ jobs = [
                 tags={"variant": "labels"}),
     runs.RunJob("detector", "detector-kd",
                 students.build_student(detector_params, classes, stats, multilabel=True, seed=seed), seed,
-                tags={"variant": "kd", "teacher": teacher_name}, teacher_logits=teacher_logits["train"], kd=kd),
+                tags={"variant": "kd", "teacher": teacher_name}, teacher_logits=teacher_logits["train"], kd=params.kd),
 ]
 detector_runs = runs.train_many(detector_params, jobs, sets, tp=sp.detector, params_file=params_file)
 display(runs.results_table(params, ["detector"]))
@@ -327,15 +356,18 @@ for piece in examples.itertuples():
             "separator": {"choice": "crnn", "run_id": separator_run["run_id"]},
             "classifier": {"model": chosen_run["model"], "run_id": chosen_run["run_id"], "classes": detector.classes}}
     # overwrite=True: these folders are this notebook's own outputs, made again on every run.
-    folder = stem_selection.write_selection(separated_dir, piece.sample_key, separation, selection, info, overwrite=True)
+    folder = stem_selection.write_selection(separated_dir, piece.sample_key, separation, selection, info,
+                                            overwrite=True)
     rows.append({"piece": piece.sample_key, "plays": piece.labels.replace("|", ", "),
                  "heard": ", ".join(c for c, p in prediction.top if p >= sp.threshold),
-                 "stems handed over": ", ".join(selection.chosen), "folder": str(folder.relative_to(params.output_dir))})
+                 "stems handed over": ", ".join(selection.chosen),
+                 "folder": str(folder.relative_to(params.output_dir))})
     assert sorted(p.stem for p in folder.glob("*.wav")) == sorted(selection.chosen), "only the chosen stems"
 display(pd.DataFrame(rows))
 with mlflow.start_run(run_id=separator_run["run_id"]):
     for piece in examples.itertuples():
-        tracking.log_artifacts([separated_dir / piece.sample_key / "manifest.json"], folder=f"selection/{piece.sample_key}")
+        tracking.log_artifacts([separated_dir / piece.sample_key / "manifest.json"],
+                               folder=f"selection/{piece.sample_key}")
 
 # %%
 first = examples["sample_key"].iloc[0]

@@ -11,7 +11,7 @@ from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
 from audiokd_lib.compress import soft_labels
 from audiokd_lib.experiment import runs, tracking
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.params import KDParams, load_params
 from audiokd_lib.experiment.training import FeatureSet, fit, predict
 from audiokd_lib.models import checkpoints, students, teachers
 
@@ -110,7 +110,8 @@ def test_runs_trained_in_worker_processes_match_runs_trained_here(smoke_profile,
 
     def jobs(prefix):
         return [runs.RunJob("student-kd", f"{prefix}-seed{seed}", tiny_model(params, seed), seed,
-                            tags={"variant": prefix}, teacher_logits=soft, kd=(3.0, 0.7)) for seed in (0, 1)]
+                            tags={"variant": prefix}, teacher_logits=soft,
+                            kd=KDParams(temperature=3.0, alpha=0.7)) for seed in (0, 1)]
 
     torch.set_num_threads(params.threads)  # what the workers use
     here, there = jobs("here"), jobs("there")

@@ -15,6 +15,7 @@ from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
 from audiokd_lib.data.taxonomy import GROUPS, OPENMIC_CLASSES
+from audiokd_lib.experiment import runs, tracking
 from audiokd_lib.experiment.params import CRNNParams, load_params
 from audiokd_lib.models import checkpoints, students
 from audiokd_lib.separation import crnn, quality, separator, stem_selection
@@ -127,6 +128,25 @@ def test_time_budget_stops_training(pieces, tmp_path):
                                  budget, tmp_path / "run", progress=False)
     assert result.stopped == "time budget" and result.history["steps"].tolist() == [1]
     assert crnn.load_crnn(result.checkpoint).spec == tiny_crnn().spec
+
+
+def test_the_separator_run_is_logged_found_by_the_cli_and_reused(pieces, tmp_path, capsys):
+    crnn_settings = ", ".join(f"{key}: {value}" for key, value in
+                              TINY.model_copy(update={"epochs": 2}).model_dump().items() if value is not None)
+    profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n"
+                                      f"data: {{pieces: {{sample_rate: {RATE}}}}}\n"
+                                      f"separation: {{crnn: {{{crnn_settings}}}}}\n", "sep")
+    params = load_params(profile)
+    row = runs.train_separator(params, pieces, progress=False)
+    assert row["role"] == "separator" and row["model"] == "separator-crnn" and row["epochs_run"] == 2
+    assert row["stopped"] == "epochs" and row["macs"] > 0 and row["latency_ms"] > 0
+    assert tracking.artifact_path(row, "separator-crnn_loss.png").is_file()
+    assert not (runs.model_dir(params, "separator-crnn") / "last.pt").exists()
+    found = separator.open_separator("crnn", params)  # what `audiokd separate --separator crnn` loads
+    assert found.spec == crnn.load_crnn(runs.checkpoint_path(params, "separator-crnn")).spec
+    capsys.readouterr()
+    assert runs.train_separator(params, pieces, progress=False).name == row.name  # reused, not trained again
+    assert "reusing it" in capsys.readouterr().out
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

@@ -10,7 +10,7 @@ from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import distill
 from audiokd_lib.compress.distill import distillation_loss
 from audiokd_lib.experiment import training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.params import KDParams, load_params
 from audiokd_lib.experiment.training import FeatureAugment, FeatureSet, fit
 from audiokd_lib.models import checkpoints, students
 
@@ -149,7 +149,7 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
     # Multi-hot rows go through mixup (as a union), a distillation fit and mAP like class indices do.
     tp = params.train.model_copy(update={"epochs": 1, "batch_size": 3, "crop_seconds": 0.5})
     result = fit(model, data, data, tp, params, 0, tmp_path / "run", teacher_logits=torch.randn(3, 3),
-                 kd=(2.0, 0.5), progress=False)
+                 kd=KDParams(temperature=2.0, alpha=0.5), progress=False)
     assert result.metric == "mAP" and 0.0 <= result.best_score <= 1.0
     unknown = table.assign(labels_unknown=["", "bass", ""])
     with pytest.raises(ValueError, match="labels_unknown"):

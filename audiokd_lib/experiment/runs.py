@@ -9,6 +9,8 @@ Everything a table needs is measured here, identically for every model:
   the `heldout` split (the unseen soundfont), a per-class report, a confusion matrix, PR curves;
 - parameters, checkpoint size, MACs for one clip, CPU latency per clip.
 
+Notebook 08's separator, the mask CRNN, goes the same way through :func:`train_separator`.
+
 A run that already finished with the same settings is not trained again: its MLflow row is returned.
 A run that was interrupted resumes from its last epoch.
 """
@@ -33,12 +35,14 @@ from tqdm.auto import tqdm
 from audiokd_lib import plots
 from audiokd_lib.compress import prune
 from audiokd_lib.compress.export import head_module
+from audiokd_lib.data.tables import fingerprint
 from audiokd_lib.experiment import metrics, tracking
-from audiokd_lib.experiment.params import Params, TrainParams
+from audiokd_lib.experiment.params import KDParams, Params, TrainParams
 from audiokd_lib.experiment.training import FeatureSet, FitResult, cached_features, fit, predict
 from audiokd_lib.files import atomic_path, write_json
 from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
 from audiokd_lib.models.classifier import Classifier
+from audiokd_lib.separation import crnn
 
 EVAL_SPLITS = ("test", "heldout")  # in-domain, and the soundfont no model ever trained on
 
@@ -120,27 +124,34 @@ def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], nam
     return results, artifacts
 
 
-def loss_figure(history: pd.DataFrame, metric: str, title: str) -> plt.Figure:
-    """Train and validation loss per epoch, with the validation score on a second axis."""
+def loss_figure(history: pd.DataFrame, metric: str | None, title: str, loss_name: str = "loss") -> plt.Figure:
+    """Train and validation loss per epoch, with the validation score `val_<metric>` (if any) on a second axis."""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(history["epoch"], history["train_loss"], "o-", label="train loss")
     ax.plot(history["epoch"], history["val_loss"], "o-", label="val loss")
-    ax.set(xlabel="epoch", ylabel="loss", title=title)
-    right = ax.twinx()
-    right.plot(history["epoch"], history[f"val_{metric}"], "s--", color="tab:green", label=f"val {metric}")
-    right.set(ylabel=f"val {metric}", ylim=(0, 1.02))
-    lines = ax.get_lines() + right.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    ax.set(xlabel="epoch", ylabel=loss_name, title=title)
+    lines = ax.get_lines()
+    if metric is not None:
+        right = ax.twinx()
+        right.plot(history["epoch"], history[f"val_{metric}"], "s--", color="tab:green", label=f"val {metric}")
+        right.set(ylabel=f"val {metric}", ylim=(0, 1.02))
+        lines += right.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right" if metric else "best", fontsize=8)
     return fig
 
 
-def run_key(params: Params, role: str, seed: int, tp: TrainParams | None, data_fp: str, extra: dict) -> str:
-    """What makes two runs the same run: settings, data, seed, and the teacher behind them."""
-    blob = json.dumps({"role": role, "seed": seed, "train": tp and tp.model_dump(),
-                       "features": params.features.model_dump(),
-                       "augment": params.augment.model_dump(), "student": params.student.model_dump(),
-                       "teacher": params.teacher.model_dump(), "data": data_fp, **extra}, sort_keys=True, default=str)
+def settings_key(settings: dict) -> str:
+    """A short hash of a run's settings (plain values): equal keys, the same run."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_key(params: Params, role: str, seed: int, tp: TrainParams | None, data_fp: str, extra: dict) -> str:
+    """What makes two classifier runs the same run: settings, data, seed, and the teacher behind them."""
+    return settings_key({"role": role, "seed": seed, "train": tp and tp.model_dump(),
+                         "features": params.features.model_dump(),
+                         "augment": params.augment.model_dump(), "student": params.student.model_dump(),
+                         "teacher": params.teacher.model_dump(), "data": data_fp, **extra})
 
 
 @dataclass
@@ -154,12 +165,12 @@ class RunJob:
     tags: dict[str, str] = field(default_factory=dict)
     teacher: Classifier | None = None           # consistent distillation: the teacher sees every batch
     teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
-    kd: tuple[float, float] | None = None       # (temperature, alpha) to distil; None: labels only
+    kd: KDParams | None = None                  # the distillation loss's temperature and alpha; None: labels only
 
 
 def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
                   seed: int, tp: TrainParams, teacher: Classifier | None = None,
-                  teacher_logits: torch.Tensor | None = None, kd: tuple[float, float] | None = None,
+                  teacher_logits: torch.Tensor | None = None, kd: KDParams | None = None,
                   tags: dict[str, str] | None = None, params_file: str | Path | None = None,
                   progress: bool = True) -> tuple[Classifier, pd.Series]:
     """Train (or resume, or reuse) one model in this process, evaluate it, log it; return it and its MLflow row."""
@@ -180,7 +191,7 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
     """
     rows, todo = {}, []
     for job in jobs:
-        row = _reuse_or_prepare(params, job, sets, tp)
+        row = _reuse_job(params, job, sets, tp)
         if row is None:
             todo.append(job)
         else:
@@ -234,27 +245,50 @@ def _job_tags(job: RunJob) -> dict[str, str]:
     return {"seed": str(job.seed), **job.tags}
 
 
-def _reuse_or_prepare(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams | None
-                      ) -> pd.Series | None:
-    """The MLflow row of a finished run with the same settings (its weights loaded), else None after
-    clearing a run folder whose settings changed."""
-    run_dir = _run_dir(params, job)
-    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": job.kd})
-    done_file, checkpoint = run_dir / "done.json", checkpoint_path(params, job.name)
-    if done_file.is_file() and checkpoint.is_file():
+def _reuse_or_prepare(params: Params, role: str, name: str, key: str) -> pd.Series | None:
+    """The MLflow row of the finished run `name` if it had settings `key`, else None after clearing a run
+    folder whose settings changed."""
+    run_dir = model_dir(params, name)
+    done_file = run_dir / "done.json"
+    if done_file.is_file() and checkpoint_path(params, name).is_file():
         done = json.loads(done_file.read_text())
-        runs = tracking.runs_frame(params, job.role)
+        runs = tracking.runs_frame(params, role)
         found = runs[runs["run_id"] == done.get("run_id")] if done.get("key") == key else runs.iloc[:0]
         if len(found):
-            print(f"{job.name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
-            job.model = load_checkpoint(checkpoint)
-            return found.set_index("run_id").iloc[0]
+            print(f"{name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
+            return found.set_index("run_id", drop=False).iloc[0]
     if (run_dir / "key.txt").is_file() and (run_dir / "key.txt").read_text() != key:
-        print(f"{job.name}: settings changed since the last run; starting it again")
+        print(f"{name}: settings changed since the last run; starting it again")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "key.txt").write_text(key)
     return None
+
+
+def _finish(params: Params, role: str, name: str, run_id: str) -> pd.Series:
+    """Mark the run folder done (for reuse), drop its last.pt (the best weights are in model.pt), and
+    return the run's MLflow row."""
+    run_dir = model_dir(params, name)
+    write_json(run_dir / "done.json", {"key": (run_dir / "key.txt").read_text(), "run_id": run_id})
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    return tracking.runs_frame(params, role).set_index("run_id", drop=False).loc[run_id].rename(run_id)
+
+
+def _log_history(history: pd.DataFrame) -> None:
+    for row in history.to_dict("records"):
+        tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+
+
+def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams | None
+               ) -> pd.Series | None:
+    """The MLflow row of a finished run with the job's settings (its weights loaded into the job), else None."""
+    # (temperature, alpha) as a list: the key a bare tuple gave before KDParams, so earlier runs stay reusable.
+    kd = None if job.kd is None else [job.kd.temperature, job.kd.alpha]
+    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": kd})
+    row = _reuse_or_prepare(params, job.role, job.name, key)
+    if row is not None:
+        job.model = load_checkpoint(checkpoint_path(params, job.name))
+    return row
 
 
 def _fit_job(params: Params, job: RunJob, train: FeatureSet, val: FeatureSet, tp: TrainParams,
@@ -290,14 +324,14 @@ def log_model(params: Params, role: str, name: str, model: Classifier, sets: dic
     """
     weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
     job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]})
-    row = _reuse_or_prepare(params, job, sets, None)
+    row = _reuse_job(params, job, sets, None)
     return row if row is not None else _log_run(params, job, sets, None, params_file)
 
 
 def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: FitResult | None,
              params_file: str | Path | None) -> pd.Series:
     """Evaluate a job's model, save its checkpoint and figures, and log all of it as one MLflow run."""
-    run_dir, model = _run_dir(params, job), job.model
+    model = job.model
     checkpoint = checkpoint_path(params, job.name)
     tags = {"model": job.name, "teacher": "none (labels only)",
             "dataset_fingerprint": sets["train"].data_fingerprint, **_job_tags(job)}
@@ -305,8 +339,7 @@ def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: F
         save_checkpoint(model, checkpoint, role=job.role, seed=job.seed, run_id=run.info.run_id)
         results, artifacts = evaluate(params, model, sets, job.name)
         if result is not None:
-            for row in result.history.to_dict("records"):
-                tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+            _log_history(result.history)
             fig = loss_figure(result.history, result.metric, job.name)
             artifacts.append(plots.save_fig(fig, params, f"{job.name}_loss"))
             plt.close(fig)
@@ -317,10 +350,44 @@ def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: F
         tracking.log_final({**results, **measure(params, model, checkpoint, example), "clip_frames": example.shape[-1]})
         tracking.log_artifacts([checkpoint, *artifacts])
         run_id = run.info.run_id
-    key = (run_dir / "key.txt").read_text()
-    write_json(run_dir / "done.json", {"key": key, "run_id": run_id})
-    (run_dir / "last.pt").unlink(missing_ok=True)  # the best weights live in model.pt now
-    return tracking.runs_frame(params, job.role).set_index("run_id").loc[run_id].rename(run_id)
+    return _finish(params, job.role, job.name, run_id)
+
+
+SEPARATOR_NAME = "separator-crnn"  # the CRNN's model name in MLflow and its run folder
+
+
+def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Path | None = None,
+                    progress: bool = True) -> pd.Series:
+    """Train (or resume, or reuse) the profile's mask CRNN on the rendered pieces, measure it, log it.
+
+    Returns the MLflow row of the run, of role `separator`, with the CRNN's checkpoint at the root of
+    its artifacts (where `audiokd separate --separator crnn` finds it) and its learning curve. Its cost
+    (MACs, latency) is measured for one second of audio, on torch's current number of threads.
+    """
+    cp, sample_rate, name = params.separation.crnn, params.data.pieces.sample_rate, SEPARATOR_NAME
+    data_fp = fingerprint(pieces)
+    key = settings_key({"role": "separator", "seed": params.seed, "crnn": cp.model_dump(),
+                        "sample_rate": sample_rate, "data": data_fp})
+    row = _reuse_or_prepare(params, "separator", name, key)
+    if row is not None:
+        return row
+    model = crnn.build_crnn(cp, sample_rate, seed=params.seed)
+    result = crnn.train_crnn(model, pieces[pieces["split"] == "train"], pieces[pieces["split"] == "val"], cp,
+                             model_dir(params, name), seed=params.seed, progress=progress)
+    tags = {"model": name, "settings": key, "dataset_fingerprint": data_fp, "stopped": result.stopped}
+    with tracking.start_run(params, "separator", name, tags, params_file) as run:
+        _log_history(result.history)
+        fig = loss_figure(result.history, None, f"{name} (stopped: {result.stopped})", "L1 magnitude loss")
+        curve = plots.save_fig(fig, params, f"{name}_loss")
+        plt.close(fig)
+        cost = metrics.complexity(model, torch.zeros(1, 1, sample_rate), result.checkpoint,
+                                  threads=torch.get_num_threads(), repeats=5, warmup=1, batch=8)
+        tracking.log_final({**asdict(cost), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+                            "epochs_run": len(result.history),
+                            "train_seconds": float(result.history["seconds"].sum())})
+        tracking.log_artifacts([result.checkpoint, curve])
+        run_id = run.info.run_id
+    return _finish(params, "separator", name, run_id)
 
 
 TABLE_COLUMNS = {

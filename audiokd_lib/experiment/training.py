@@ -8,11 +8,13 @@ What the loop does, in the order a reader meets it:
   the log domain), noise (added in the power domain), SpecAugment and mixup (mixed as power, not as
   logs). Notebook 02 shows the waveform-level augmentations (room, codec) and their cost: about 15 ms
   a clip, more than a small student's whole training step on a CPU.
-- AdamW with a linear warm-up and a cosine decay, one seed for everything random;
+- one step per batch (:func:`train_step`): AdamW with a linear warm-up and a cosine decay, one seed
+  for everything random;
 - early stopping on the validation score (macro-F1, or mAP for multi-label data): the best epoch's
   weights are restored at the end and saved;
 - after every epoch the full state (weights, optimiser, schedule, history, random generators) is
-  written to `last.pt`, so an interrupted run resumes where it stopped.
+  written to `last.pt`, so an interrupted run resumes where it stopped. The epochs, early stopping
+  and `last.pt` are :mod:`~audiokd_lib.experiment.loop`'s, shared with the separator's training.
 
 Distillation (:func:`distillation_loss`) follows Hinton et al. (2015). In `cached` mode the teacher's
 logits on the clean clips are computed once and looked up; in `consistent` mode (Beyer et al., 2022)
@@ -21,11 +23,10 @@ the teacher sees exactly the augmented, cropped, mixed batch the student sees.
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,9 @@ from audiokd_lib.audio import augment
 from audiokd_lib.audio.loading import AudioLoadError, load_clip
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
 from audiokd_lib.experiment import metrics
+from audiokd_lib.experiment.loop import EpochLoop
 from audiokd_lib.experiment.losses import hard_loss
-from audiokd_lib.experiment.params import Params, TrainParams
+from audiokd_lib.experiment.params import KDParams, Params, TrainParams
 from audiokd_lib.files import atomic_path, write_json
 from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.models.students import prunable_layers
@@ -237,22 +239,37 @@ def _pruned_weights(model: Classifier) -> list[torch.Tensor]:
     return [layer.weight for layer in prunable_layers(model)]
 
 
+def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+               optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One optimisation step on one batch of features: forward, loss, backward, optimiser, schedule."""
+    with torch.autocast(x.device.type, enabled=scaler.is_enabled()):  # mixed precision where the scaler works
+        loss = loss_fn(model.head(x))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # scaled up, so that small float16 gradients do not round to zero
+    scaler.step(optimizer)  # unscales first, and skips the step if a gradient overflowed
+    scaler.update()
+    scheduler.step()  # the learning rate moves every step: linear warm-up, then cosine decay
+    return loss.detach()
+
+
 def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, params: Params, seed: int,
         run_dir: str | Path, *, teacher: Classifier | None = None, teacher_logits: torch.Tensor | None = None,
-        kd: tuple[float, float] | None = None, on_epoch: Callable[[dict], None] | None = None,
+        kd: KDParams | None = None, on_epoch: Callable[[dict], None] | None = None,
         progress: bool = True) -> FitResult:
     """Train `model` in place and restore its best validation epoch.
 
-    Hard labels only when `kd` is None; otherwise `kd` = (temperature, alpha) and the soft targets
-    come from `teacher_logits` (cached mode: one row per training clip) or from `teacher` run on the
-    augmented batch (consistent mode). `on_epoch` receives each epoch's row (to log it to MLflow).
+    Hard labels only when `kd` is None; otherwise Hinton's loss at `kd.temperature` and `kd.alpha`,
+    with soft targets from `teacher_logits` (cached mode: one row per training clip) or from `teacher`
+    run on the augmented batch (consistent mode). `on_epoch` receives each epoch's row (to log it to
+    MLflow). Each batch goes through :func:`train_step`; the epochs, early stopping and resuming are
+    :class:`~audiokd_lib.experiment.loop.EpochLoop`'s.
     """
     if kd is not None and (teacher is None) == (teacher_logits is None):
         raise ValueError("distillation needs exactly one of `teacher` (consistent) or `teacher_logits` (cached)")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.type == "cuda"
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -262,60 +279,39 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
     optimizer = torch.optim.AdamW(params_list, lr=tp.lr, weight_decay=tp.weight_decay)
     steps = math.ceil(len(train) / tp.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(tp, steps))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")  # AMP on CUDA only
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)  # AMP on CUDA only
     # AST reads a fixed number of frames (its position embeddings): it always gets whole clips.
     crop = None
     if tp.crop_seconds is not None and model.spec["kind"] != "ast":
         crop = round(tp.crop_seconds * model.sample_rate / model.spec["features"]["hop_length"])
     aug = FeatureAugment(params, model, seed, tp.augment, crop)
     order_gen = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    best = {"epoch": -1, "score": -math.inf, "state": copy.deepcopy(model.state_dict())}
-    start_epoch, bad_epochs = 0, 0
-
-    last = run_dir / "last.pt"
-    if last.is_file():  # resume an interrupted run exactly where it stopped
-        state = torch.load(last, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
-        aug.rng.bit_generator.state = state["aug_rng"]
-        aug.torch_gen.set_state(state["aug_torch"])
-        order_gen.set_state(state["order"])
-        torch.set_rng_state(state["torch_rng"])  # dropout draws from torch's global generator
-        start_epoch = len(history)
-        print(f"resuming {run_dir.name} after epoch {start_epoch}")
+    loop = EpochLoop(model, run_dir, tp.epochs, tp.patience, on_epoch=on_epoch,
+                     stateful={"optimizer": optimizer, "scheduler": scheduler, "aug_rng": aug.rng,
+                               "aug_torch": aug.torch_gen, "order": order_gen})
 
     metric = "mAP" if val.multilabel else "macro_f1"
     # Cached soft targets travel with the labels through mixup, so they are kept as probabilities.
-    soft = None if teacher_logits is None else soft_targets(teacher_logits, kd[0], train.multilabel)
-    for epoch in range(start_epoch, tp.epochs):
-        if bad_epochs >= tp.patience:
-            break
+    soft = None if teacher_logits is None else soft_targets(teacher_logits, kd.temperature, train.multilabel)
+    for epoch in loop:
         model.train()
-        t0, total, seen = time.perf_counter(), 0.0, 0
+        total, seen = 0.0, 0
         order = torch.randperm(len(train), generator=order_gen)
         batches = [order[i:i + tp.batch_size] for i in range(0, len(train), tp.batch_size)]
         for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{tp.epochs}", disable=not progress, leave=False):
             x, y, probs = aug(train.features[idx], train.targets[idx], None if soft is None else soft[idx])
             x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, enabled=device.type == "cuda"):
-                logits = model.head(x)
-                if kd is None:
-                    loss = hard_loss(logits, y, train.multilabel, tp.label_smoothing)
-                else:
-                    if teacher is not None:  # consistent: the teacher sees this very batch
-                        with torch.no_grad():
-                            t_logits = teacher.head(x)
-                    else:
-                        t_logits = logits_at(probs.to(device), kd[0], train.multilabel)
-                    loss = distillation_loss(logits, t_logits, y, kd[0], kd[1], train.multilabel)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            if kd is None:
+                loss_fn = partial(hard_loss, targets=y, multilabel=train.multilabel,
+                                  label_smoothing=tp.label_smoothing)
+            else:
+                with torch.no_grad(), torch.autocast(device.type, enabled=cuda):
+                    # consistent: the teacher sees this very batch; cached: its soft labels, mixed like y
+                    t_logits = (teacher.head(x) if teacher is not None
+                                else logits_at(probs.to(device), kd.temperature, train.multilabel))
+                loss_fn = partial(distillation_loss, teacher=t_logits, targets=y, temperature=kd.temperature,
+                                  alpha=kd.alpha, multilabel=train.multilabel)
+            loss = train_step(model, x, loss_fn, optimizer, scheduler, scaler)
             with torch.no_grad():
                 for weight, mask in zeros:
                     weight.mul_(mask)
@@ -324,27 +320,13 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
         val_logits = predict(model, val)
         val_loss = hard_loss(val_logits, val.targets, val.multilabel).item()
         _, val_score = score(val, val_logits)
-        row = {"epoch": epoch + 1, "train_loss": total / seen, "val_loss": val_loss, f"val_{metric}": val_score,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if val_score > best["score"]:
-            best = {"epoch": epoch + 1, "score": val_score, "state": copy.deepcopy(model.state_dict())}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        with atomic_path(last) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "history": history, "best": best,
-                        "bad_epochs": bad_epochs, "aug_rng": aug.rng.bit_generator.state,
-                        "aug_torch": aug.torch_gen.get_state(), "order": order_gen.get_state(),
-                        "torch_rng": torch.get_rng_state()}, tmp)
+        row = loop.end_epoch({"train_loss": total / seen, "val_loss": val_loss, f"val_{metric}": val_score,
+                              "lr": optimizer.param_groups[0]["lr"]}, val_score)
         if progress:
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, "
                   f"val {metric} {val_score:.3f} ({row['seconds']:.0f} s)")
-        if on_epoch is not None:
-            on_epoch(row)
-    model.load_state_dict(best["state"])
+    loop.restore_best()
     model.cpu().eval()
-    write_json(run_dir / "history.json", history)
-    return FitResult(pd.DataFrame(history), best["epoch"], best["score"], metric,
-                     stopped_early=len(history) < tp.epochs)
+    write_json(Path(run_dir) / "history.json", loop.history)
+    return FitResult(pd.DataFrame(loop.history), loop.best["epoch"], loop.best["score"], metric,
+                     stopped_early=len(loop.history) < tp.epochs)

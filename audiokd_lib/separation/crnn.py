@@ -9,9 +9,6 @@ magnitudes (:func:`magnitude_loss`).
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.experiment.loop import EpochLoop
 from audiokd_lib.experiment.params import CRNNParams
 from audiokd_lib.files import atomic_path
 from audiokd_lib.models.checkpoints import read_checkpoint
@@ -99,11 +97,16 @@ class MaskCRNN(nn.Module):
         return torch.cat([masks, masks[:, :, -1:]], dim=2)  # the Nyquist bin takes its neighbour's mask
 
     def forward(self, mix: torch.Tensor) -> torch.Tensor:
-        batch, _, samples = mix.shape
-        spectrum = self.stft(mix[:, 0])
-        stems = self.masks(spectrum) * spectrum[:, None]
-        waves = torch.istft(stems.flatten(0, 1), self.n_fft, self.hop, window=self.window, length=samples)
-        return waves.reshape(batch, len(self.sources), 1, samples)
+        return masked_stems(self, mix)
+
+
+def masked_stems(model: MaskCRNN, mix: torch.Tensor) -> torch.Tensor:
+    """Mixtures (batch, 1, samples) -> stems (batch, sources, 1, samples): each mask times the mixture's STFT."""
+    batch, _, samples = mix.shape
+    spectrum = model.stft(mix[:, 0])
+    stems = model.masks(spectrum) * spectrum[:, None]  # complex: every stem keeps the mixture's phase
+    waves = torch.istft(stems.flatten(0, 1), model.n_fft, model.hop, window=model.window, length=samples)
+    return waves.reshape(batch, len(model.sources), 1, samples)
 
 
 def level(spectrum: torch.Tensor) -> torch.Tensor:
@@ -228,7 +231,7 @@ def validation_loss(model: MaskCRNN, pieces: list[tuple[torch.Tensor, torch.Tens
 
 @dataclass
 class TrainResult:
-    history: pd.DataFrame  # one row per epoch: epoch, steps, train_loss, val_loss, seconds, elapsed
+    history: pd.DataFrame  # one row per epoch: epoch, steps, train_loss, val_loss, seconds
     best_epoch: int
     best_val_loss: float
     stopped: str  # "epochs", "patience" or "time budget"
@@ -246,10 +249,9 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
     state goes to `run_dir/last.pt`, so an interrupted run resumes where it stopped (time already spent
     counts against the budget); the best weights are written to `run_dir/model.pt` and restored into
     `model`. `on_epoch` receives each epoch's row, e.g. to log it to MLflow. AdamW at a constant rate,
-    gradients clipped, mixed precision on CUDA only.
+    gradients clipped, mixed precision on CUDA only. The epochs, early stopping and `last.pt` are
+    :class:`~audiokd_lib.experiment.loop.EpochLoop`'s, as for the classifiers.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     sampler = RemixSampler(train["path"], model.sources, model.samplerate, seed)
@@ -262,30 +264,13 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cp.lr, weight_decay=cp.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
-    history: list[dict] = []
-    best = {"epoch": 0, "val_loss": math.inf, "state": copy.deepcopy(model.state_dict())}
-    bad_epochs, elapsed = 0, 0.0
+    loop = EpochLoop(model, run_dir, cp.epochs, cp.patience, higher_is_better=False, time_budget_s=cp.time_budget_s,
+                     on_epoch=on_epoch, settings=model.spec,
+                     stateful={"optimizer": optimizer, "sampler_rng": sampler.rng})
 
-    last = run_dir / "last.pt"
-    if last.is_file():
-        state = torch.load(last, map_location=device, weights_only=True)
-        if state["spec"] != model.spec:
-            raise ValueError(f"{last} was written by a CRNN with other settings; delete it or use another run_dir")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, best, bad_epochs, elapsed = state["history"], state["best"], state["bad_epochs"], state["elapsed"]
-        sampler.rng.bit_generator.state = state["sampler_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resuming {run_dir.name} after epoch {len(history)} ({elapsed:.0f} s spent)")
-
-    def out_of_time() -> bool:
-        return cp.time_budget_s is not None and elapsed >= cp.time_budget_s
-
-    for epoch in range(len(history), cp.epochs):
-        if bad_epochs >= cp.patience or out_of_time():
-            break
+    for epoch in loop:
         model.train()
-        started, total, done = time.perf_counter(), 0.0, 0
+        total, done = 0.0, 0
         for _ in tqdm(range(steps), desc=f"epoch {epoch + 1}/{cp.epochs}", disable=not progress, leave=False):
             mixture, sources = (x.to(device) for x in sampler.batch(cp.batch_size, frames))
             with torch.autocast(device.type, enabled=cuda):
@@ -297,30 +282,14 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
             scaler.step(optimizer)
             scaler.update()
             total, done = total + loss.item(), done + 1
-            if cp.time_budget_s is not None and elapsed + time.perf_counter() - started >= cp.time_budget_s:
+            if loop.time_is_up():
                 break
         val_loss = validation_loss(model, val_pieces, device)
-        seconds = time.perf_counter() - started
-        elapsed += seconds
-        row = {"epoch": epoch + 1, "steps": done, "train_loss": total / done, "val_loss": val_loss,
-               "seconds": seconds, "elapsed": elapsed}
-        history.append(row)
-        if val_loss < best["val_loss"]:
-            best = {"epoch": epoch + 1, "val_loss": val_loss, "state": copy.deepcopy(model.state_dict())}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        with atomic_path(last) as tmp:
-            torch.save({"spec": model.spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "history": history, "best": best, "bad_epochs": bad_epochs, "elapsed": elapsed,
-                        "sampler_rng": sampler.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+        row = loop.end_epoch({"steps": done, "train_loss": total / done, "val_loss": val_loss}, val_loss)
         if progress:
             print(f"epoch {epoch + 1}: {done} steps, train loss {row['train_loss']:.4f}, val loss {val_loss:.4f} "
-                  f"({seconds:.0f} s, {elapsed:.0f} s in all)")
-        if on_epoch is not None:
-            on_epoch(row)
-    stopped = "patience" if bad_epochs >= cp.patience else "time budget" if out_of_time() else "epochs"
-    model.load_state_dict(best["state"])
+                  f"({row['seconds']:.0f} s, {loop.elapsed:.0f} s in all)")
+    loop.restore_best()
     model.cpu().eval()
-    checkpoint = save_crnn(model, run_dir / CHECKPOINT_NAME, history=history, best_epoch=best["epoch"])
-    return TrainResult(pd.DataFrame(history), best["epoch"], best["val_loss"], stopped, checkpoint)
+    checkpoint = save_crnn(model, Path(run_dir) / CHECKPOINT_NAME, history=loop.history, best_epoch=loop.best["epoch"])
+    return TrainResult(pd.DataFrame(loop.history), loop.best["epoch"], loop.best["score"], loop.stopped, checkpoint)
