@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.audiokd-installed
 FROM ?=
 # Threads: small models on a 2-core machine run faster on one thread, and OpenMP spin-waiting
-# under contention turned 7 ms inferences into 1 s ones (DESIGN.md): wait passively.
+# under contention turned 7 ms inferences into 1 s ones (docs/measurements.md): wait passively.
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test setup notebooks lab clean-outputs readme-results

@@ -1,4 +1,4 @@
-"""Shared fixtures: a profile whose outputs go to a temporary folder, and a loopback HTTP server."""
+"""Shared fixtures: a profile whose outputs go to a temporary folder, tiny students, a loopback HTTP server."""
 
 from __future__ import annotations
 
@@ -28,6 +28,31 @@ def write_profile(folder: Path, text: str, name: str = "profile") -> Path:
 def smoke_profile(tmp_path: Path) -> Path:
     """The smoke profile with its outputs redirected into tmp_path."""
     return write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n", "smoke")
+
+
+@pytest.fixture(scope="session")
+def tiny_student():
+    """Build an untrained student of the smoke profile, in eval mode: `tiny_student(classes, seed=0, **student)`.
+
+    Keywords other than `seed` and `multilabel` override the profile's `student` section (`width_mult=1.0`,
+    `arch="mobilenet_v2"`). Its normalisation is a fixed, plausible one for log-mels, not measured.
+    """
+    # Imported here: OpenMP reads OMP_WAIT_POLICY when torch loads, so torch must load after it is set above.
+    import torch
+
+    from audiokd_lib.audio.features import NormStats
+    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.models import students
+
+    smoke = load_params(ROOT / "params" / "smoke.yaml")
+    n_mels = smoke.features.n_mels
+    stats = NormStats(torch.full((n_mels,), -6.0), torch.full((n_mels,), 3.0), 1, [], "f", "d")
+
+    def build(classes=("a", "b", "c"), seed: int | None = 0, multilabel: bool = False, **student):
+        params = smoke.model_copy(update={"student": smoke.student.model_copy(update=student)})
+        return students.build_student(params, list(classes), stats, multilabel=multilabel, seed=seed).eval()
+
+    return build
 
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):

@@ -7,20 +7,15 @@ import json
 import pytest
 import torch
 
-from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.classify import classify_file, windows
 from audiokd_lib.cli import main
-from audiokd_lib.experiment.params import load_params
-from audiokd_lib.models import checkpoints, students
+from audiokd_lib.models import checkpoints
 
 
 @pytest.fixture
-def checkpoint(smoke_profile, tmp_path):
-    params = load_params(smoke_profile)
-    stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = students.build_student(params, ["Flute", "Oboe", "Violin"], stats)
-    return checkpoints.save_checkpoint(model.eval(), tmp_path / "model.pt")
+def checkpoint(tiny_student, tmp_path):
+    return checkpoints.save_checkpoint(tiny_student(["Flute", "Oboe", "Violin"]), tmp_path / "model.pt")
 
 
 def tone(seconds: float, amplitude: float = 0.3) -> torch.Tensor:

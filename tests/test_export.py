@@ -3,31 +3,23 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 
-from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import export
-from audiokd_lib.experiment.params import load_params
-from audiokd_lib.models import students
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def student_and_features():
+def student_and_features(tiny_student):
     """A tiny student whose logits are of order one, and real log-mel features of noise for it.
 
     A freshly built student outputs logits near 1e-3, against which any tolerance passes; its BatchNorm
     statistics are fitted to the features and its last layer scaled up, as training would do.
     """
-    params = load_params(ROOT / "params" / "smoke.yaml")
-    stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    model = students.build_student(params, ["a", "b", "c"], stats, seed=0)
+    model = tiny_student().train()  # train mode: the batch below sets the BatchNorm statistics
     features = model.features(0.1 * torch.randn(6, 32000, generator=torch.Generator().manual_seed(0)))
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from audiokd_lib.audio.features import LogMel, NormStats, compute_norm_stats, frames_per_clip
+from audiokd_lib.audio.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, frames_per_clip, iter_clips
 from audiokd_lib.audio.loading import load_clip, save_audio
 from audiokd_lib.experiment.params import FeatureParams
 
@@ -43,6 +43,23 @@ def test_norm_stats_use_training_clips_only_and_skip_unreadable(tmp_path):
     train_clips = torch.cat([load_clip(path, fp.sample_rate, fp.clip_seconds) for path in table["path"][:2]])
     normalised = stats.normalise(LogMel(fp)(train_clips))
     assert normalised.mean().abs() < 0.05
+
+
+def test_unreadable_clips_are_skipped_listed_and_warned_about(tmp_path):
+    good = save_audio(tmp_path / "good.wav", tone(440, seconds=0.3), 32000)
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF0000WAVEjunk")
+    skipped = SkippedFiles()
+    with pytest.warns(UserWarning, match="skipped unreadable audio") as warned:
+        read = list(iter_clips([broken, good, tmp_path / "missing.wav"], 16000, 0.5, skipped, progress=False))
+    assert len(warned) == 2
+    assert [path for path, _ in read] == [good] and read[0][1].shape == (1, 8000)  # resampled, padded
+    assert len(skipped) == 2 and "broken.wav" in skipped.errors[0] and "missing.wav" in skipped.errors[1]
+
+    replayed = SkippedFiles()
+    with pytest.warns(UserWarning, match="skipped unreadable audio") as warned:
+        replayed.extend(skipped.errors)  # what a cache hit does with the errors its first run met
+    assert replayed.errors == skipped.errors and len(warned) == 2
 
 
 def test_saved_stats_refuse_other_settings(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
@@ -138,7 +140,8 @@ def test_complexity_of_a_tiny_model(tmp_path):
     # and leaves the conv bias out; 1296 + 148 + 8 = 1452.
     assert result.macs == 4 * 9 * 36 + 4 * (36 + 1) + 8 == 1452
     assert result.size_mb == pytest.approx(checkpoint.stat().st_size / 1e6)
-    assert result.latency_ms > 0 and result.latency_batch_ms > 0
+    for latency in (result.latency_ms, result.latency_batch_ms):
+        assert 0 < latency < 100 and math.isfinite(latency)  # microseconds of arithmetic, plus overhead
     assert result.threads == 1
     assert list(model.buffers()) == []  # thop's counting buffers went onto a copy
 

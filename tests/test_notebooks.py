@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jupytext
 import nbformat
+import pandas as pd
 import pytest
+import soundfile as sf
 from conftest import ROOT
 
+from audiokd_lib.experiment import report
+from audiokd_lib.experiment.params import load_params
 from audiokd_lib.experiment.pipeline import notebook_names, run_notebooks
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -31,10 +36,61 @@ def test_pair_in_sync_and_without_outputs(name):
 
 
 def test_every_notebook_runs_with_the_smoke_profile(smoke_profile):
-    """One papermill run of the whole chain, as CI's smoke profile does it."""
+    """One papermill run of the whole chain, as CI's smoke profile does it, and what it must leave behind."""
     runs = run_notebooks(smoke_profile, log=lambda *_: None)
     assert [r.name for r in runs] == notebook_names()
-    outputs = smoke_profile.parent / "outputs"
-    assert (outputs / "data" / "clips.csv").exists()
-    assert (outputs / "features" / "norm_stats.json").exists()
+    params = load_params(smoke_profile)
+    outputs = params.output_dir
+    assert set(pd.read_csv(outputs / "data" / "clips.csv")["split"]) == {"train", "val", "test", "heldout"}
+    assert json.loads((outputs / "features" / "norm_stats.json").read_text())["clips"] > 0
     assert len(list((outputs / "figures").glob("*.png"))) >= 4
+    check_results_table(params, pd.read_csv(outputs / "results.csv"))
+    check_separated_stems(params, outputs / "separated")
+
+
+def check_results_table(params, table: pd.DataFrame) -> None:
+    """Notebook 07's table: every role of the chain, scores that are scores, costs that shrink where they should."""
+    assert set(table["role"]) == set(report.ROLES)
+    by_role = {role: rows.reset_index(drop=True) for role, rows in table.groupby("role")}
+    assert set(by_role["student-kd"]["variant"]) == {f"kd-{mode}" for mode in params.kd.modes}
+    assert by_role["student-baseline"]["seeds"].tolist() == [len(params.train.seeds)]
+    score = report.main_score(table)
+    for column in (score, "test macro-F1"):
+        assert table[column].between(0, 1).all(), column  # no NaN either
+    baseline, kd = by_role["student-baseline"].iloc[0], by_role["student-kd"].iloc[0]
+    assert kd["MACs"] == baseline["MACs"] and kd["params"] == baseline["params"]  # same network, other loss
+    assert by_role["teacher"]["MACs / teacher"].tolist() == [1.0]
+
+    pruned = by_role["student-pruned"].set_index(by_role["student-pruned"]["variant"].str.split().str[0])
+    assert set(pruned.index) == {"unstructured", "structured"}
+    # Zeros still cost dense MACs; removed channels do not.
+    assert pruned.loc["unstructured", "MACs"] == kd["MACs"]
+    assert pruned.loc["unstructured", "non-zero MACs"] < (1 - params.prune.sparsity / 2) * kd["MACs"]
+    assert pruned.loc["structured", "MACs"] < 0.6 * kd["MACs"]
+    for role, suffix in (("student-rekd", "re-KD"), ("student-finetuned", "labels")):
+        expected = sorted(f"{variant} + {suffix}" for variant in by_role["student-pruned"]["variant"])
+        assert sorted(by_role[role]["variant"]) == expected
+        retrained = by_role[role].set_index(by_role[role]["variant"].str.split().str[0])
+        assert (retrained["MACs"] == pruned.loc[retrained.index, "MACs"]).all()  # re-training keeps the shape
+
+
+def check_separated_stems(params, separated: Path) -> None:
+    """Notebook 08's folders: the chosen stems as readable WAV files, and a manifest that explains them."""
+    folders = sorted(f for f in separated.iterdir() if f.is_dir() and not f.name.startswith("."))
+    heldout = pd.read_csv(params.output_dir / "data" / "pieces.csv").query("split == 'heldout'")
+    assert folders and {f.name for f in folders} <= set(heldout["sample_key"])
+    threshold = params.separation.threshold
+    for folder in folders:
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["track"] == folder.name and manifest["threshold"] == threshold
+        assert set(manifest["scores"]) == set(manifest["classifier"]["classes"])
+        assert all(0 <= p <= 1 for p in manifest["scores"].values())
+        stems, chosen = manifest["stems"], manifest["chosen"]
+        assert set(manifest["reasons"]) == set(stems) and set(chosen) <= set(stems)
+        heard = {manifest["mapping"].get(c) for c, p in manifest["scores"].items() if p >= threshold}
+        assert set(chosen) == heard & set(stems), "a stem is handed over exactly when one of its instruments is heard"
+        assert manifest["files"] == {stem: f"{stem}.wav" for stem in chosen}
+        assert sorted(p.name for p in folder.glob("*.wav")) == sorted(manifest["files"].values())
+        for name in manifest["files"].values():
+            info = sf.info(folder / name)
+            assert info.samplerate == manifest["sample_rate"] and info.frames > 0 and info.subtype == "FLOAT"

@@ -9,28 +9,20 @@ import thop
 import torch
 from torch import nn
 
-from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import prune
 from audiokd_lib.experiment import runs
 from audiokd_lib.experiment.params import load_params
-from audiokd_lib.models import checkpoints, students
+from audiokd_lib.models import checkpoints
 
 CLASSES = ["Flute", "Oboe", "Violin"]
-
-
-def student(smoke_profile, arch: str = "mobilenet_v3_small"):
-    params = load_params(smoke_profile)
-    params = params.model_copy(update={"student": params.student.model_copy(update={"arch": arch})})
-    stats = NormStats(torch.full((128,), -6.0), torch.full((128,), 3.0), 1, [], "f", "d")
-    return params, students.build_student(params, CLASSES, stats, seed=0).eval()
 
 
 def thop_macs(model, features):
     return thop.profile(copy.deepcopy(model.net), inputs=(model.normalise(features),), verbose=False)[0]
 
 
-def test_unstructured_pruning_zeroes_weights_of_a_copy_but_not_its_file_size(smoke_profile, tmp_path):
-    params, model = student(smoke_profile)
+def test_unstructured_pruning_zeroes_weights_of_a_copy_but_not_its_file_size(smoke_profile, tiny_student, tmp_path):
+    params, model = load_params(smoke_profile), tiny_student(CLASSES)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     features = torch.randn(2, 1, 128, 50)
     pruned = prune.prune_unstructured(model, 0.7)
@@ -55,8 +47,8 @@ def test_unstructured_pruning_zeroes_weights_of_a_copy_but_not_its_file_size(smo
 
 
 @pytest.mark.parametrize("arch", ["mobilenet_v3_small", "mobilenet_v2"])
-def test_channel_pruning_shrinks_every_coupled_layer_and_loads_back(smoke_profile, tmp_path, arch):
-    _, model = student(smoke_profile, arch)
+def test_channel_pruning_shrinks_every_coupled_layer_and_loads_back(tiny_student, tmp_path, arch):
+    model = tiny_student(CLASSES, arch=arch)
     before = prune.channel_counts(model)
     features = torch.randn(2, 1, 128, 50)
     pruned = prune.prune_channels(model, 0.5, features[:1])
@@ -81,8 +73,8 @@ def test_channel_pruning_shrinks_every_coupled_layer_and_loads_back(smoke_profil
         assert torch.equal(loaded.head(features), pruned.head(features))
 
 
-def test_taylor_importance_ranks_channels_by_gradients_of_one_batch(smoke_profile):
-    _, model = student(smoke_profile)
+def test_taylor_importance_ranks_channels_by_gradients_of_one_batch(tiny_student):
+    model = tiny_student(CLASSES)
     features = torch.randn(8, 1, 128, 50)
     calibration = (features, torch.arange(8) % 3)
     with pytest.raises(ValueError, match="calibration"):

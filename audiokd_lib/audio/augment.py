@@ -1,44 +1,20 @@
-"""Data augmentation: show the classifier the variations it will meet, not just the clips it has.
+"""Augmentations: what a deployed classifier meets that says nothing about the instrument.
 
-The training notes are rendered from one soundfont, dry, at a fixed level, and stored losslessly.
-The clips a deployed classifier hears differ in ways that have nothing to do with the instrument:
-another player or sample set (timbre), another room, another microphone level, another file format.
-A model that never saw those variations is free to rely on them, and then fails on the first clip
-that differs. Each augmentation below simulates one such nuisance, so that the only thing left that
-predicts the label is the instrument itself.
+On waveforms, one (channels, samples) clip at a time, before the log-mel (notebook 02 shows and times them):
 
-Waveform augmentations (one clip at a time, in the Dataset, before the log-mel):
+- `gain_noise`: a random gain and Gaussian noise at a random SNR (audiomentations)
+- `add_reverb`, `synthetic_rir`: a synthetic room impulse response of a given RT60, convolved
+- `codec_roundtrip`: an MP3 or Opus encode and decode, through FFmpeg or libsndfile (`codec_engine`)
+- `WaveformAugment`: those three with the profile's probabilities, in the order of a recording's signal path
 
-- **Gain** (`gain_noise`): the same note recorded closer or louder. Level must not be a cue: pp
-  and ff notes of one instrument can differ in level more than two instruments playing mf do.
-- **Noise** (`gain_noise`): microphone self-noise, hum, a quiet hall, at a random signal-to-noise
-  ratio (SNR). Noise fills the quiet spectral regions between partials that a dry render leaves
-  empty, so the model cannot key on "silence above 8 kHz".
-- **Reverb** (`add_reverb`, `synthetic_rir`): a room. A room impulse response (RIR) is a direct
-  sound, a few discrete early reflections, then a dense tail that decays exponentially; RT60 is
-  the time the tail needs to fall by 60 dB (0.2 s: a small studio; 0.8 s and more: a hall).
-  Reverb smears the attack and prolongs the release, exactly the cues that separate, say, plucked
-  from bowed strings; soundfont renders are anechoic, real recordings never are.
-- **Codec** (`codec_roundtrip`): MP3 and Opus throw away what a psychoacoustic model says is masked,
-  cut the bandwidth at low bitrates, and add pre-echo before sharp attacks. Audio from the web has
-  been lossily coded at least once (OpenMIC's clips come from the Free Music Archive's MP3s).
+On batches of log-mels (the training loop's `FeatureAugment` calls them):
 
-Spectrogram and batch augmentations (in the training loop, on log-mels):
+- `spec_augment`: random masked mel bands and frame spans
+- `mixup`: weighted sums of two examples; their labels blended alike, or joined for multi-label data
 
-- **SpecAugment** (`spec_augment`): blank random bands of mel bins and random stretches of frames.
-  The model must then recognise an instrument from several partial cues (the attack, the upper
-  partials, the steady part) instead of one; an unseen timbre that changes one cue no longer
-  breaks it.
-- **Mixup** (`mixup`): train on weighted sums of two examples with matching weighted labels. It
-  smooths the decision boundary between classes and keeps the model from memorising clips; on
-  waveforms it is physically meaningful too, since a mixture of two notes is what two players
-  sound like together.
-
-Randomness always comes from an explicit generator (`np.random.Generator` or `torch.Generator`)
-so that every augmented view can be rebuilt from a seed. That matters for distillation in
-particular: teacher logits cached for the clean clip are not the teacher's answer for the
-augmented view the student sees, and a good teacher is consistent (Beyer et al., 2022): either
-run the teacher on the same view or cache its logits for a few seeded views per clip.
+Randomness comes only from the generator passed in (`np.random.Generator` or `torch.Generator`), so
+every augmented view can be rebuilt from a seed. Teacher logits cached for a clean clip are not the
+teacher's answer for an augmented view of it (Beyer et al., 2022); the profile's `kd.modes` chooses.
 """
 
 from __future__ import annotations

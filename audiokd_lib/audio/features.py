@@ -1,15 +1,17 @@
-"""From audio files to the log-mel spectrograms every student sees, and their normalisation.
+"""The log-mel front end, reading clips in bulk, and the normalisation statistics.
 
-The chain is load -> resample -> mono -> fixed length -> mel power spectrogram -> log. Per-mel-bin
-mean and standard deviation are measured on the training split only (measuring them on test clips
-would leak test information into training) and saved with the fingerprints of the data and the
-front end, so a changed front end is never paired with stale statistics.
+- `LogMel`: (batch, samples) waves to (batch, 1, n_mels, frames) log-mels, Kaldi or HTK mel banks
+- `iter_clips`, `iter_logmels`: many files read in turn; an unreadable one goes to `SkippedFiles`
+  (listed, warned about, never fatal)
+- `NormStats`, `compute_norm_stats`: per-mel-bin mean and std over the training split only, saved with
+  the fingerprints of the data and the front end and refused when either has changed
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,29 +74,41 @@ def frames_per_clip(fp: FeatureParams, seconds: float | None = None) -> int:
 
 @dataclass
 class SkippedFiles:
-    """Files a feature run could not read: counted and reported, never fatal."""
+    """Files a run could not read: listed and warned about, never fatal. The one way the library skips files."""
 
     errors: list[str] = field(default_factory=list)
 
-    def add(self, err: AudioLoadError) -> None:
+    def add(self, err: AudioLoadError | str) -> None:
         self.errors.append(str(err))
         warnings.warn(f"skipped unreadable audio: {err}", stacklevel=3)
 
+    def extend(self, errors: Iterable[str]) -> None:
+        """Record (and warn about) errors found earlier, e.g. by the run that wrote a cache."""
+        for err in errors:
+            self.add(err)
+
     def __len__(self) -> int:
         return len(self.errors)
+
+
+def iter_clips(paths: Iterable[str | Path], sample_rate: int, seconds: float, skipped: SkippedFiles | None = None,
+               progress: bool = True, desc: str = "audio") -> Iterator[tuple[str | Path, torch.Tensor]]:
+    """Yield (path, (1, samples) mono wave of `seconds`) for each readable file; unreadable ones go to `skipped`."""
+    skipped = skipped if skipped is not None else SkippedFiles()
+    for path in tqdm(list(paths), desc=desc, disable=not progress):
+        try:
+            wave = load_clip(path, sample_rate, seconds)
+        except AudioLoadError as err:
+            skipped.add(err)
+            continue
+        yield path, wave
 
 
 def iter_logmels(paths, fp: FeatureParams, frontend: LogMel | None = None, skipped: SkippedFiles | None = None,
                  progress: bool = True, desc: str = "log-mel"):
     """Yield (path, log-mel) for each readable file; unreadable ones go to `skipped`."""
     frontend = frontend or LogMel(fp)
-    skipped = skipped if skipped is not None else SkippedFiles()
-    for path in tqdm(list(paths), desc=desc, disable=not progress):
-        try:
-            wave = load_clip(path, fp.sample_rate, fp.clip_seconds)
-        except AudioLoadError as err:
-            skipped.add(err)
-            continue
+    for path, wave in iter_clips(paths, fp.sample_rate, fp.clip_seconds, skipped, progress, desc):
         with torch.no_grad():
             yield path, frontend(wave)[0]
 

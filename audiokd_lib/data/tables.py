@@ -1,16 +1,11 @@
-"""Datasets as one table of clips: path, labels, split, source.
+"""The clip tables every later notebook reads: one row per clip (path, labels, split, source).
 
-Whatever the origin (notes rendered here, pieces with stems, or a real TinySOL / IRMAS / OpenMIC /
-ESC-50 subset downloaded by `datasets`), every later notebook sees the same table, saved under
-outputs/<profile>/data/. Real datasets bring their own splits (see `datasets`); for rendered data
-the splits are decided here, once:
-
-- `train` / `val` / `test` come from the training soundfonts. All dynamics of one instrument's pitch
-  land in the same split: a pp and an ff of the same note are near-copies, and letting one into
-  training and the other into test would flatter the in-domain score.
-- `heldout` is every clip rendered with the held-out soundfont: instruments the model knows, played
-  by samples it has never heard. It measures generalisation to unseen timbres, and is never trained
-  or tuned on.
+Tables are saved under outputs/<profile>/data/ (`clips.csv` for notes, `pieces.csv` for pieces, a real
+dataset's multi-label tables under their own names), paths inside the profile folder relative to it.
+Real datasets keep their own splits (:mod:`~audiokd_lib.data.real`); rendered data is split here:
+:func:`split_notes` keeps all dynamics of one (instrument, pitch) in one split, :func:`split_pieces`
+splits whole pieces, and every clip of the held-out soundfont goes to `heldout`. :func:`fingerprint`
+hashes what a model learns from (files, labels, splits), for caches and runs to key on.
 """
 
 from __future__ import annotations

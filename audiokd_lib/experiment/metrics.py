@@ -1,25 +1,10 @@
-"""Measuring every model the same way: how right it is, and what it costs to run.
+"""Scores and costs, measured by the same code for every model so that the table compares like with like.
 
-A compression study compares a teacher, a student, a distilled student and pruned students. The
-comparison is only fair if every model is scored by the same code on the same clips, so every
-notebook calls the functions below instead of computing its own numbers.
-
-How right (scikit-learn computes every number; its definitions are the ones papers and readers know):
-
-- **Single-label** (one instrument per clip): *accuracy* is the share of clips whose top-scoring
-  class is the true one; *macro F1* averages the F1 of each class with equal weight, so a rare
-  instrument that the model never gets right pulls it down even when accuracy looks fine; *top-3
-  accuracy* counts a clip as right when the true class is among the three highest scores.
-- **Multi-label** (several instruments per clip, e.g. OpenMIC): *mAP* (mean average precision)
-  ranks the clips by each class's score and measures how early the true positives come, averaged
-  over classes; it needs no threshold. *Micro F1* thresholds the sigmoid at 0.5 and pools every
-  (clip, class) decision.
-
-What it costs (:func:`complexity`): parameters, checkpoint size on disk, multiply-accumulates (MACs)
-of one forward pass, and CPU latency. MACs and latency do not move together: a small model at
-batch 1 spends most of its time on per-layer overhead, not arithmetic, so halving its MACs may barely
-change its batch-1 latency. Latency is therefore measured both at batch 1 (one clip arriving alone)
-and per clip at a larger batch (throughput when the machine is kept busy).
+- :func:`classification_metrics`: scikit-learn's accuracy, macro-F1 and top-3 accuracy (single-label);
+  mAP over the classes present and micro-F1 at a sigmoid threshold of 0.5 (multi-label)
+- :func:`per_class_report`, :func:`confusion_figure`, :func:`pr_curve_figure`: the per-class view
+- :func:`complexity`: parameters, checkpoint size, thop MACs of one clip, and CPU latency at batch 1
+  and per clip at a larger batch (the two differ: small models at batch 1 are overhead-bound)
 """
 
 from __future__ import annotations
@@ -271,10 +256,11 @@ def complexity(
     CPU copies.
 
     MACs come from thop (pytorch-OpCounter), the counter most compression papers quote. It counts only
-    module types it knows: convolutions and linear layers as MACs, but also BatchNorm (2 per element,
-    though inference usually folds it into the convolution) and average pooling (one add per input
-    element plus a division per output), while activations such as Hardswish and functional operations
-    inside `forward` (residual additions, the squeeze-excitation product) count as zero.
+    module types it knows: convolutions (without their bias) and linear layers as MACs, but also BatchNorm
+    (4 per element with its affine scale and shift, though inference usually folds it into the convolution)
+    and average pooling (one add per input element plus a division per output), while activations such as
+    Hardswish and functional operations inside `forward` (residual additions, the squeeze-excitation
+    product) count as zero.
     """
     if example_input.shape[0] != 1:
         raise ValueError(f"example_input must hold one clip (batch 1), got shape {tuple(example_input.shape)}")

@@ -288,8 +288,8 @@ class Params(_Section):
     seed: int = 0
     outputs: str = "outputs/{profile}"  # relative to the project root
     threads: int = Field(1, ge=1, description="torch CPU threads; small models run best on 1")
-    # Seeds and variants are independent runs: on a CPU, N processes of one thread each train N of
-    # them at full speed, while one process on N threads barely beats one thread (DESIGN.md).
+    # Seeds and variants are independent runs, and on 2 cores one process trained a small student slower
+    # on 2 threads than on 1 (docs/measurements.md): N runs go to N processes of one thread each.
     workers: int | None = Field(None, ge=1, description="processes training runs side by side; "
                                 "null: one per CPU core on a CPU, one on a GPU")
     notebooks: list[str] | Literal["all"] = "all"  # which notebooks `audiokd run` executes

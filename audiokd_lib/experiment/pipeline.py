@@ -77,7 +77,7 @@ def run_notebooks(params_file: str | Path, start: str | None = None, notebooks_d
     names = select_notebooks(notebook_names(notebooks_dir), params.notebooks, start)
     out_dir = params.output_dir / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Kernels inherit this: one OpenMP thread pool that waits passively (see DESIGN.md).
+    # Kernels inherit this: one OpenMP thread pool that waits passively (see docs/measurements.md).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     runs: list[NotebookRun] = []
     log(f"profile {params.profile}: {len(names)} notebook(s) -> {out_dir}")

@@ -1,8 +1,9 @@
-"""The final results table and its figures (notebook 07), built from the MLflow store alone.
+"""The final results table and its figures (notebook 07), read from the MLflow store alone.
 
-No number is typed by hand: every row is the newest finished run of one model, as logged by
-notebooks 03-07, and runs of the same recipe with different seeds are averaged into one row that
-says how many seeds it holds and how far they spread.
+:func:`final_table` takes the newest finished run of every model of :data:`ROLES` and averages the
+seeds of one recipe (its `variant` tag) into one row; :func:`save_results` writes results.csv and
+results.md; :func:`pareto_figure` and :func:`targets_verdict` read the table back; :func:`sensitivity_figure`
+plots notebook 06's pruning curves.
 """
 
 from __future__ import annotations

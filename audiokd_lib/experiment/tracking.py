@@ -1,17 +1,9 @@
-"""Experiment tracking: every training run of a profile is recorded in one MLflow store.
-
-A compression study produces many models (teacher, baseline student, distilled student, pruned and
-re-distilled students), each trained in its own notebook. Copying their numbers into a table by hand
-invites mistakes; instead every notebook opens an MLflow *run*, records the settings it used
-(*params*), its learning curves and final scores (*metrics*) and its files (*artifacts*: checkpoints,
-figures), and the final comparison is a query over those runs (:func:`runs_frame`).
+"""The MLflow store of a profile: one run per trained model, queried for every later table.
 
 Each profile has its own store, ``outputs/<profile>/mlflow.db`` (SQLite) with artifacts under
-``outputs/<profile>/mlartifacts``, so a smoke test never mixes its numbers into a real run's table.
-Each run carries a ``role`` tag (``teacher``, ``student-baseline``, ...) saying which step of the pipeline
-made it; :func:`latest_run` finds the newest finished run of a role, which is how a later notebook picks up
-the model an earlier one trained. Browse a store with
-``mlflow ui --backend-store-uri sqlite:///outputs/<profile>/mlflow.db --host 127.0.0.1 --workers 1``.
+``outputs/<profile>/mlartifacts``, so a smoke run never mixes into another profile's table. Every run
+carries a ``role`` tag (``teacher``, ``student-baseline``, ...; see :data:`ROLE_NOTEBOOKS`):
+:func:`runs_frame` lists finished runs as a DataFrame and :func:`latest_run` finds a role's newest one.
 """
 
 from __future__ import annotations

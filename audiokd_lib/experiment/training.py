@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio import augment
-from audiokd_lib.audio.loading import AudioLoadError, load_clip
+from audiokd_lib.audio.features import SkippedFiles, iter_clips
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
 from audiokd_lib.experiment import metrics
 from audiokd_lib.experiment.loop import EpochLoop
@@ -105,23 +105,20 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
 
     rows, data_fp = table[table["split"] == split], fingerprint(table)
     path = params.output_dir / "features" / "cache" / f"{split}-{key}-{data_fp}.pt"
+    skipped = SkippedFiles()
     if path.is_file():
         saved = torch.load(path, weights_only=True)
+        skipped.extend(saved["skipped"])  # warned again: the cache would otherwise hide them
     else:
-        feats, kept, skipped = [], [], []
-        seconds = model.spec["clip_seconds"]
+        feats, kept = [], []
         with torch.inference_mode():
-            for clip_path in tqdm(rows["path"], desc=f"features {split}", disable=not progress):
-                try:
-                    wave = load_clip(clip_path, model.sample_rate, seconds)
-                except AudioLoadError as err:
-                    skipped.append(str(err))
-                    continue
+            for clip_path, wave in iter_clips(rows["path"], model.sample_rate, model.spec["clip_seconds"], skipped,
+                                              progress, desc=f"features {split}"):
                 feats.append(model.features(wave).half())
                 kept.append(clip_path)
         if not feats:
             raise ValueError(f"no readable clips in split {split!r} ({len(rows)} listed)")
-        saved = {"features": torch.cat(feats), "paths": kept, "skipped": skipped}
+        saved = {"features": torch.cat(feats), "paths": kept, "skipped": skipped.errors}
         with atomic_path(path) as tmp:
             torch.save(saved, tmp)
     kept_rows = rows.set_index("path").loc[saved["paths"]]
@@ -130,10 +127,8 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
         targets = torch.tensor([index[label] for label in kept_rows["label"]])
     else:
         targets = torch.from_numpy(multilabel_targets(kept_rows, classes)[0])
-    for err in saved["skipped"]:
-        print(f"skipped unreadable clip: {err}")
     return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
-                      list(saved["skipped"]), cache_file=str(path))
+                      skipped.errors, cache_file=str(path))
 
 
 class FeatureAugment:

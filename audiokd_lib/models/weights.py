@@ -52,7 +52,7 @@ AUDIOSET_LABELS = WeightsFile(
 )
 
 
-KNOWN = {"mn04_as": MN04_AS, "audioset_labels": AUDIOSET_LABELS}  # short names used in params
+KNOWN = {"mn04_as": MN04_AS}  # the EfficientAT weights teacher.checkpoint may name
 
 
 class WeightsNotFound(RuntimeError):
@@ -67,13 +67,6 @@ class WeightsNotFound(RuntimeError):
             "AUDIOKD_WEIGHTS=/that/folder (or the teacher.weights_dir parameter), "
             "or allow downloading (download=True) where the URL can be reached."
         )
-
-
-def lookup(name: str) -> WeightsFile:
-    """The WeightsFile a params file names by its short name (a key of KNOWN)."""
-    if name not in KNOWN:
-        raise ValueError(f"unknown pretrained file {name!r}: use one of {sorted(KNOWN)}")
-    return KNOWN[name]
 
 
 def cache_dir() -> Path:
