@@ -160,8 +160,11 @@ if piece_reports:
 #
 # For rendered notes, `train`, `val` and `test` come from the training soundfonts; all dynamics of
 # one instrument's pitch stay in the same split, because a pp and an ff of the same note are
-# near-copies. `heldout` holds every clip of the held-out soundfont. A real dataset keeps its own
-# official splits (TinySOL's folds, say); see `audiokd_lib/datasets.py` for how each is mapped.
+# near-copies. `heldout` holds every clip of the held-out soundfont. `transfer` holds the notes of
+# the transfer soundfonts (`data.transfer_soundfonts`), kept only at pitches of the `train` split: no
+# model ever sees their labels; notebook 05 lets the teacher label them. A real dataset keeps its own
+# official splits (TinySOL's folds, say); see `audiokd_lib/data/` (one module per dataset) for how
+# each is mapped.
 
 # %%
 clips, pieces = tables.build_clip_tables(params, plan, real_data)
@@ -176,6 +179,10 @@ if real_data is None:
     leaks = train_test.groupby(["label", "pitch_id"])["split"].nunique().max()
     assert leaks == 1, "a pitch of an instrument appears in both train and test"
     assert set(clips.loc[clips["split"] == "heldout", "soundfont"]) <= {plan.heldout[0] if plan.heldout else None}
+    transfer = clips[clips["split"] == "transfer"]
+    assert not set(transfer["soundfont"]) & {plan.heldout[0] if plan.heldout else None, *plan.train}
+    trained = set(clips.loc[clips["split"] == "train", ["label", "pitch_id"]].itertuples(index=False, name=None))
+    assert set(transfer[["label", "pitch_id"]].itertuples(index=False, name=None)) <= trained
 if clips is not None:
     assert clips["label"].nunique() == clips.loc[clips["split"] == "train", "label"].nunique(), "a class has no training clips"
     assert all(Path(p).is_file() for p in clips["path"]), "a clip of the table is missing on disk"

@@ -22,13 +22,15 @@
 # - **`ast`** (the `full` profile): the Audio Spectrogram Transformer, `MIT/ast-finetuned-audioset-10-10-0.4593`
 #   from the Hugging Face hub, 86 M parameters, with its own 16 kHz Kaldi filter-bank front end;
 # - **`efficientat`** (the `quick` and `smoke` profiles, no downloads needed beyond a 4 MB file):
-#   EfficientAT's `mn04_as`, a MobileNetV3 that was itself distilled from AST ensembles on AudioSet
-#   (mAP 0.432). It is an honest *offline substitute*: pretrained on AudioSet, but 1 M parameters, not 86 M.
+#   EfficientAT's `mn04_as`, a MobileNetV3 that was itself distilled from an ensemble of PaSST transformers
+#   on AudioSet (mAP 0.432). It is an honest *offline substitute*: pretrained on AudioSet, but 1 M parameters,
+#   not 86 M. One fine-tuned mn04 is barely larger than our student, so the `quick` profile's teacher is an
+#   **ensemble** of several, fine-tuned from different seeds, whose logits are averaged (see below).
 #   Every table row says which teacher taught it.
 #
 # The steps: load the pretrained model, check that it hears what AudioSet taught it, put a new head
-# on it for our 14 instruments, fine-tune, evaluate it exactly like the students, and cache its
-# logits for every clip: the **soft labels** notebook 05 distils from.
+# on it for our 14 instruments, fine-tune every member, average them into one model, evaluate it exactly
+# like the students, and cache its logits for every clip: the **soft labels** notebook 05 distils from.
 
 # %% tags=["parameters"]
 params_file = "params/quick.yaml"
@@ -46,7 +48,7 @@ from audiokd_lib.compress import soft_labels
 from audiokd_lib.data import tables
 from audiokd_lib.experiment import runs, training
 from audiokd_lib.experiment.params import load_params
-from audiokd_lib.models import teachers
+from audiokd_lib.models import ensemble, teachers
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
@@ -58,8 +60,9 @@ print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; te
 # ## What the pretrained model hears, before we touch it
 #
 # For the EfficientAT teacher we can ask the untouched AudioSet model what it hears in one mezzo-forte
-# note from the middle of each instrument's range. If the front end matched badly (another mel scale, another normalisation), these
-# answers would be nonsense; good answers tell us the features are the ones the weights expect.
+# note from the middle of each instrument's range. If the front end matched badly (another mel scale,
+# another normalisation), these answers would be nonsense; good answers tell us the features are the
+# ones the weights expect.
 
 # %%
 if params.teacher.kind == "efficientat":
@@ -93,6 +96,27 @@ identity = teachers.teacher_identity(teacher)
 print(f"teacher: {identity}\n{total:,} parameters, {trainable:,} trainable (finetune: {params.teacher.finetune})")
 
 # %% [markdown]
+# ## Why an ensemble of teachers
+#
+# Distillation hands down what the teacher knows beyond the labels, so the teacher should be clearly
+# larger and clearly better than the student. One fine-tuned mn04 is barely larger: 27 M MACs a clip
+# against the student's 11 M, and only 7 times the pruned student's 3.7 M. The cheapest stronger
+# teacher we can build from what we have is an **ensemble**: several copies of mn04, each fine-tuned from
+# its own seed (its own new head, batch order and augmentations), with their logits averaged. The members
+# make different mistakes, so their mean is more accurate and better calibrated than any one of them
+# (Lakshminarayanan et al., 2017), and its soft labels are smoother exactly where the members disagree:
+# the "dark knowledge" distillation is after. The models of this course were made the same way:
+# EfficientAT's MobileNets were distilled from an ensemble of PaSST transformers (Schmid et al., 2023),
+# and CP-JKU's DCASE 2023 low-complexity scene classifiers from an ensemble of teachers.
+#
+# `teacher.train.seeds` says how many members: three in `quick` (3 x 27 M = 81 M MACs a clip, about
+# 7.6 times the baseline student and over 20 times the pruned one), one in `smoke` (a single fine-tuned
+# mn04, to keep CI short), and one in `full`, whose AST is large enough alone and reads a front end of
+# its own. The ensemble is one `Classifier` whose network runs every member on the same features and
+# averages their logits, so it is evaluated, timed, saved, loaded and distilled from exactly like a
+# single model.
+
+# %% [markdown]
 # ## Features, computed once
 #
 # Every clip goes through the teacher's front end once; the result is cached under
@@ -105,23 +129,55 @@ for split, subset in sets.items():
     print(f"{split:8s} {len(subset):5d} clips, features {tuple(subset.features.shape[1:])}")
 
 # %% [markdown]
-# ## Fine-tuning
+# ## Fine-tuning every member
 #
 # The shared training loop (AdamW, warm-up then cosine decay, early stopping on validation macro-F1,
-# resumable) with the teacher's own budget from `teacher.train`. Training sees random crops with
-# gain, noise, mixup and SpecAugment; evaluation sees whole clips.
+# resumable) with the teacher's own budget from `teacher.train`, once per seed. Training sees random
+# crops with gain, noise, mixup and SpecAugment; evaluation sees whole clips. The members are
+# independent, so they train side by side, one process per core, like the students' seeds in 04.
+# Each is a run of its own (`teacher-seed0`, ...) of role `teacher` and variant `member`.
 
 # %%
-teacher, teacher_run = runs.train_and_log(params, "teacher", "teacher", teacher, sets, seed=params.seed,
-                                          tp=params.teacher.train, tags={"teacher": identity, "variant": "teacher"},
-                                          params_file=params_file)
-display(Image(filename=str(params.output_dir / "figures" / "teacher_loss.png")))
-print(f"teacher test macro-F1 {teacher_run['test_macro_f1']:.3f}, "
-      f"held-out soundfont macro-F1 {teacher_run.get('heldout_macro_f1', float('nan')):.3f}")
+seeds = params.teacher.train.seeds
+ensemble_of = len(seeds) > 1
+names = [f"teacher-seed{seed}" for seed in seeds] if ensemble_of else ["teacher"]
+tags = ({"teacher": identity, "variant": "member", "member_of": "teacher"} if ensemble_of
+        else {"teacher": identity, "variant": "teacher"})
+jobs = [runs.RunJob("teacher", name, teachers.build_teacher(params, classes, progress=False, seed=seed), seed, tags)
+        for name, seed in zip(names, seeds)]
+member_runs = runs.train_many(params, jobs, sets, tp=params.teacher.train, params_file=params_file)
+display(Image(filename=str(params.output_dir / "figures" / f"{names[0]}_loss.png")))
+
+# %% [markdown]
+# ## The ensemble: one model, the members' logits averaged
+#
+# The ensemble is logged as a run of its own, of role `teacher` and variant `ensemble`, under the name
+# `teacher`: that is the model notebooks 05 and 07 distil from, `audiokd classify --model teacher` runs
+# and the final table compares against. It is measured like every model, its validation score included,
+# so that it, not a member, is the teacher `runs.best_run` picks. Its MACs are the members' summed: the
+# average itself costs nothing worth counting.
+
+# %%
+if ensemble_of:
+    teacher = ensemble.build_ensemble([job.model for job in jobs], seeds)
+    identity = teachers.teacher_identity(teacher)
+    teacher_run = runs.log_model(params, "teacher", "teacher", teacher, sets, params_file=params_file,
+                                 tags={"teacher": identity, "variant": "ensemble", "members": ", ".join(names)},
+                                 metrics=runs.scores(teacher, sets, splits=("val",)))
+else:
+    teacher, teacher_run = jobs[0].model, member_runs[0]
+columns = {"val_macro_f1": "val macro-F1", "test_macro_f1": "test macro-F1", "heldout_macro_f1": "held-out macro-F1",
+           "val_mAP": "val mAP", "test_mAP": "test mAP", "heldout_mAP": "held-out mAP", "macs": "MACs",
+           "params": "params", "latency_ms": "latency ms"}
+models = pd.DataFrame([*member_runs, teacher_run] if ensemble_of else member_runs).set_index("model")
+models = models[[c for c in columns if c in models and models[c].notna().any()]].astype({"macs": int, "params": int})
+display(models.rename(columns=columns).round(3))
+print(f"teacher: {identity}\n{teacher_run['macs'] / 1e6:.1f} M MACs a clip, "
+      f"{teacher_run['macs'] / member_runs[0]['macs']:.1f} x one member's")
 
 # %% [markdown]
 # The held-out split holds the same instruments played by a soundfont no model has trained on. The
-# gap between the two numbers above is the problem distillation is meant to help with: a student
+# gap between the test and held-out scores above is the problem distillation is meant to help with: a student
 # trained on one soundfont learns that soundfont's samples; a teacher that has heard real
 # instruments should generalise better.
 

@@ -128,8 +128,12 @@ for step in range(5):
 #    to `last.pt`, so an interrupted run resumes exactly where it stopped.
 #
 # At the end the best epoch's weights are put back: the model evaluated and saved is the one
-# validation chose, not the last one. What is left to the library: resuming, worker processes,
-# MLflow logging and the reuse of finished runs.
+# validation chose, not the last one. Then BatchNorm's running statistics are measured again on
+# `train.recalibrate_batches` batches of whole, clean training clips ("precise BN"): the averages
+# collected while training describe augmented 1 s crops, not the clean 2 s clips the model is tested
+# on; measured on the quick profile's distilled student, this alone moved held-out macro-F1 from 0.705
+# to 0.775 (notebook 06 teaches the function, `prune.recalibrate_batchnorm`). What is left to the
+# library: resuming, worker processes, MLflow logging and the reuse of finished runs.
 #
 # ## Training, one run per seed
 #

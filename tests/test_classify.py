@@ -1,4 +1,4 @@
-"""`audiokd classify`: windows, aggregation, silence, and clear errors for bad files."""
+"""`audiokd classify`: windows, aggregation, silence, clear errors for bad files, and an ensemble teacher."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.classify import classify_file, windows
 from audiokd_lib.cli import main
 from audiokd_lib.models import checkpoints
+from audiokd_lib.models.ensemble import build_ensemble
 
 
 @pytest.fixture
@@ -62,3 +63,21 @@ def test_cli_reports_silence_and_bad_files(checkpoint, tmp_path, capsys):
 def test_cli_names_a_missing_model(tmp_path, capsys):
     assert main(["classify", "x.wav", "--model", str(tmp_path / "nope.pt")]) == 1
     assert "--profile" in capsys.readouterr().err
+
+
+def test_an_ensemble_teacher_classifies_and_benches_like_any_model(tiny_student, tmp_path, capsys):
+    members = [tiny_student(["Flute", "Oboe", "Violin"], seed=seed) for seed in (0, 1)]
+    single = checkpoints.save_checkpoint(members[0], tmp_path / "member.pt")
+    path = checkpoints.save_checkpoint(build_ensemble(members, [0, 1]), tmp_path / "ensemble.pt")
+    wave = save_audio(tmp_path / "tone.wav", tone(2.0), 32000)
+    prediction = classify_file(checkpoints.load_checkpoint(path), wave, top_k=3)
+    with torch.no_grad():  # by hand: the members' logits averaged per window, then as any single-label model
+        chunks = windows(tone(2.0), 32000)
+        probs = torch.softmax((members[0](chunks) + members[1](chunks)) / 2, dim=1).mean(dim=0)
+    assert prediction.status == "ok" and prediction.windows == 3
+    assert dict(prediction.top) == pytest.approx({c: float(p) for c, p in zip(members[0].classes, probs)}, abs=1e-3)
+
+    assert main(["classify", str(wave), "--model", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "ok"
+    assert main(["bench", "--models", str(single), str(path), "--repeats", "2", "--batch", "2"]) == 0
+    assert "ensemble of 2 mobilenet_v3_small x0.5" in capsys.readouterr().out

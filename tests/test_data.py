@@ -62,3 +62,28 @@ def test_heldout_soundfont_is_substituted_when_missing(monkeypatch):
     plan = tables.plan_soundfonts(DataParams())
     assert plan.heldout[0] == "TimGM6mb"
     assert any("held-out soundfont replaced" in n for n in plan.notices)
+
+
+def test_transfer_notes_only_at_training_pitches_and_never_the_heldout_soundfont():
+    table = tables.split_notes(notes_table(("FluidR3_GM", "MuseScore_General", "TimGM6mb")), 0.15, 0.15,
+                               "MuseScore_General", seed=0, transfer=["TimGM6mb"])
+    transfer = table[table["split"] == "transfer"]
+    assert set(transfer["soundfont"]) == {"TimGM6mb"} and len(transfer) > 0
+    assert set(table.loc[table["soundfont"] == "MuseScore_General", "split"]) == {"heldout"}
+    labelled = table[table["soundfont"] == "FluidR3_GM"]
+    trained = set(labelled.loc[labelled["split"] == "train", ["label", "pitch_id"]].itertuples(index=False, name=None))
+    held_back = set(labelled.loc[labelled["split"] != "train", ["label", "pitch_id"]].itertuples(index=False, name=None))
+    assert set(transfer[["label", "pitch_id"]].itertuples(index=False, name=None)) == trained
+    assert not held_back & set(table.loc[table["split"] == "transfer", ["label", "pitch_id"]]
+                               .itertuples(index=False, name=None))
+    # The labelled splits are the same as without a transfer set.
+    plain = tables.split_notes(notes_table(), 0.15, 0.15, "MuseScore_General", seed=0)
+    assert tables.fingerprint(table[table["split"] != "transfer"]) == tables.fingerprint(plain)
+
+
+def test_transfer_soundfonts_refuse_the_heldout_and_training_ones():
+    with pytest.raises(ValueError, match="held-out soundfont"):
+        DataParams(heldout_soundfont="MuseScore_General", transfer_soundfonts=["MuseScore_General"])
+    with pytest.raises(ValueError, match="training soundfonts too"):
+        DataParams(train_soundfonts=["FluidR3_GM"], transfer_soundfonts=["FluidR3_GM"])
+    assert DataParams(transfer_soundfonts=["TimGM6mb"]).transfer_soundfonts == ["TimGM6mb"]

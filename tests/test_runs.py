@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
@@ -48,15 +49,23 @@ def test_teacher_logits_are_refused_for_other_clips_or_another_teacher(smoke_pro
         soft_labels.load_teacher_logits(params, sets)
 
 
-def test_verdict_compares_with_the_seed_spread():
+def test_welch_test_on_hand_worked_numbers():
     table = pd.DataFrame({"variant": ["baseline"] * 3 + ["kd-cached"] * 3 + ["kd-consistent"] * 3,
                           "score": [0.70, 0.72, 0.74, 0.80, 0.81, 0.82, 0.71, 0.73, 0.75]})
-    text = runs.verdict(runs.seed_summary(table, "score", by="variant"), "score")
-    cached, consistent = text.splitlines()
-    assert "kd-cached" in cached and "better than the baseline" in cached and "+0.090" in cached
-    assert "kd-consistent" in consistent and "within the seed spread" in consistent
-    single = runs.seed_summary(table.groupby("variant").head(1), "score", by="variant")
-    assert "one seed only" in runs.verdict(single, "score")
+    comparison = runs.compare_to_baseline(table, "score")
+    cached = comparison.loc["kd-cached"]
+    # By hand: variances 0.0004 and 0.0001 over 3 seeds; se = sqrt(0.0004/3 + 0.0001/3) = 0.012910,
+    # t = 0.09 / se = 6.971; Welch-Satterthwaite df = se^4 / ((0.0004/3)^2/2 + (0.0001/3)^2/2) = 2.941.
+    assert cached["difference"] == pytest.approx(0.09)
+    assert cached["Welch t"] == pytest.approx(6.971, abs=1e-3)
+    half_width = cached["95% CI high"] - cached["difference"]
+    assert half_width == pytest.approx(stats.t.ppf(0.975, 2.941) * 0.012910, rel=1e-3)
+    assert comparison.loc["kd-consistent", "difference"] == pytest.approx(0.01)
+    first, second = runs.verdict(comparison, "score", target=0.03).splitlines()
+    assert "kd-cached" in first and "a gain that holds, and meets the +0.030 target" in first
+    assert "kd-consistent" in second and "includes zero" in second
+    single = runs.compare_to_baseline(table.groupby("variant").head(1), "score")
+    assert "too few seeds" in runs.verdict(single, "score")
 
 
 def test_classify_finds_a_profiles_latest_model_by_role(smoke_profile, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The pretrained teachers: mn04 hears what it should, key conversion round-trips, AST loads offline."""
+"""The teachers: mn04 hears what it should, key conversion round-trips, AST loads offline, the ensemble averages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchaudio
+from conftest import write_profile
 
+from audiokd_lib.compress.distill import check_shared_frontend
+from audiokd_lib.compress.export import head_module
+from audiokd_lib.experiment import report, runs, tracking
+from audiokd_lib.experiment.metrics import complexity
+from audiokd_lib.experiment.params import ParamsError, load_params
+from audiokd_lib.experiment.training import FeatureSet
+from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
+from audiokd_lib.models.ensemble import LogitMean, build_ensemble, ensemble_spec, seeds_text
 from audiokd_lib.models.teachers import (
     OPENMIC_TO_AUDIOSET,
     ASTFrontend,
@@ -192,3 +201,121 @@ def test_calibration_moves_the_threshold_and_keeps_the_ranking():
     assert after["mAP"] == pytest.approx(before["mAP"], abs=1e-6)
     assert before["micro_f1"] == 0.0 and after["micro_f1"] > 0.6
     assert (calibrated[:, 2] < 0).all()  # the absent class stays absent
+
+
+# --- The ensemble teacher: tiny students stand in for fine-tuned mn04 members. ---
+
+
+class Constant(torch.nn.Module):
+    """A network that answers every clip with the same logits."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(features.shape[0], -1)
+
+
+def members(tiny_student, seeds=(0, 1)):
+    return [tiny_student(["Flute", "Oboe", "Violin"], seed=seed) for seed in seeds]
+
+
+def one_clip(model) -> torch.Tensor:
+    """Features of one clip of the smoke profile's length (batch 1)."""
+    wave = 0.1 * torch.randn(1, round(model.spec["clip_seconds"] * model.sample_rate),
+                             generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.features(wave)
+
+
+def test_ensemble_logits_are_the_mean_of_its_members(tiny_student):
+    by_hand = LogitMean([Constant([1.0, 2.0, 3.0]), Constant([3.0, 0.0, -1.0])])
+    assert by_hand(torch.zeros(2, 1, 4, 4)).tolist() == [[2.0, 1.0, 1.0]] * 2
+
+    a, b = members(tiny_student)
+    model = build_ensemble([a, b], [0, 1])
+    waves = 0.1 * torch.randn(3, 32000, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(waves), (a(waves) + b(waves)) / 2, atol=1e-6)
+        features = model.features(waves)
+        assert torch.allclose(model.head(features), (a.head(features) + b.head(features)) / 2, atol=1e-6)
+        assert not torch.allclose(a(waves), b(waves))  # two seeds, two different members
+    assert model.spec["kind"] == "ensemble" and model.spec["average"] == "logits"
+    assert model.spec["identity"] == ("ensemble of 2 mobilenet_v3_small x0.5, each fine-tuned, seeds 0, 1, "
+                                      "logits averaged")
+    assert model.classes == a.classes and model.spec["features"] == a.spec["features"]
+    check_shared_frontend(model, a)  # consistent distillation: the ensemble reads the students' features
+
+
+def test_ensemble_checkpoint_round_trip_is_weights_only(tiny_student, tmp_path):
+    model = build_ensemble(members(tiny_student), [3, 4])
+    path = save_checkpoint(model, tmp_path / "ensemble.pt")
+    saved = torch.load(path, weights_only=True)  # the safe loader reads it: only tensors, strings, numbers, lists
+    assert [m["kind"] for m in saved["spec"]["members"]] == ["student", "student"] and saved["spec"]["seeds"] == [3, 4]
+    again = load_checkpoint(path)
+    assert isinstance(again.net, LogitMean) and len(again.net.members) == 2 and not again.training
+    waves = 0.1 * torch.randn(2, 32000, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(waves), again(waves))
+    assert again.spec == model.spec
+
+
+def test_ensemble_macs_and_params_are_its_members_summed(tiny_student, tmp_path):
+    a, b = members(tiny_student)
+    b = tiny_student(["Flute", "Oboe", "Violin"], seed=1, width_mult=0.75)  # members need not be alike
+    model = build_ensemble([a, b], [0, 1])
+    features = one_clip(model)
+    cost = {}
+    for name, m in (("a", a), ("b", b), ("ensemble", model)):
+        cost[name] = complexity(head_module(m), features, save_checkpoint(m, tmp_path / f"{name}.pt"),
+                                repeats=1, warmup=0, batch=2)
+    assert cost["a"].macs != cost["b"].macs
+    assert cost["ensemble"].macs == cost["a"].macs + cost["b"].macs
+    assert cost["ensemble"].params == cost["a"].params + cost["b"].params
+
+
+def test_ensemble_refuses_members_that_do_not_fit_together(tiny_student):
+    a, b = members(tiny_student)
+    with pytest.raises(ValueError, match="at least two members"):
+        build_ensemble([a], [0])
+    with pytest.raises(ValueError, match="2 members but 3 seeds"):
+        build_ensemble([a, b], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"member 1 .* differs from member 0 in \['classes'\]"):
+        build_ensemble([a, tiny_student(["Flute", "Oboe", "Tuba"])], [0, 1])
+    ast_like = {key: value for key, value in a.spec.items() if key != "features"}
+    with pytest.raises(ValueError, match="log-mel front end"):
+        ensemble_spec([ast_like, ast_like], [0, 1])
+    assert seeds_text([0, 1, 2]) == "seeds 0-2" and seeds_text([2, 7]) == "seeds 2, 7"
+
+
+def test_teacher_seeds_are_checked(smoke_profile, tmp_path):
+    for kind, seeds, message in (("efficientat", "[0, 0]", "repeats a seed"), ("ast", "[0, 1]", "one seed")):
+        text = f"extends: {smoke_profile}\nteacher: {{kind: {kind}, train: {{seeds: {seeds}}}}}\n"
+        with pytest.raises(ParamsError, match=message):
+            load_params(write_profile(tmp_path, text, kind))
+
+
+def test_the_ensemble_is_the_teacher_every_later_notebook_finds(tiny_student, smoke_profile):
+    """Members are runs of role teacher too, but best_run, latest_run and the final table's reference
+    teacher are the ensemble, logged last under the name `teacher`."""
+    params = load_params(smoke_profile)
+    a, b = members(tiny_student)
+    frames = one_clip(a).shape[-1]
+    sets = {split: FeatureSet(torch.randn(6, 1, 128, frames, generator=torch.Generator().manual_seed(i)),
+                              torch.arange(6) % 3, [f"{split}{j}" for j in range(6)], a.classes, "fp")
+            for i, split in enumerate(("train", "val", "test"))}
+    for seed, member in ((0, a), (1, b)):
+        runs.log_model(params, "teacher", f"teacher-seed{seed}", member, sets,
+                       tags={"variant": "member", "member_of": "teacher", "teacher": "tiny"},
+                       metrics={"val_macro_f1": 1.0})  # members that look perfect on validation
+    model = build_ensemble([a, b], [0, 1])
+    row = runs.log_model(params, "teacher", "teacher", model, sets, metrics=runs.scores(model, sets, ("val",)),
+                         tags={"variant": "ensemble", "teacher": model.spec["identity"]})
+    assert row["val_macro_f1"] < 1.0 and row["macs"] > 0
+    assert runs.best_run(params, "teacher")["model"] == "teacher"
+    assert tracking.latest_run(params, "teacher")["model"] == "teacher"
+    assert load_checkpoint(runs.checkpoint_path(params, "teacher")).spec == model.spec
+    table = report.final_table(params)
+    assert table["variant"].tolist() == ["ensemble", "member"] and table["seeds"].tolist() == [1, 2]
+    assert table["MACs / teacher"].tolist() == [1.0, 0.5]

@@ -154,3 +154,20 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
     unknown = table.assign(labels_unknown=["", "bass", ""])
     with pytest.raises(ValueError, match="labels_unknown"):
         training.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)
+
+
+def test_a_transfer_set_is_labelled_by_the_teacher_only(tiny, tmp_path):
+    params, classes, stats, data = tiny
+    train, transfer = data, FeatureSet(data.features[:16] + 0.1, data.targets[:16], [f"t{i}" for i in range(16)],
+                                       classes, "fp")
+    train_logits, transfer_logits = torch.randn(64, 4), torch.randn(16, 4) * 3
+    combined, logits = training.with_transfer_set(train, transfer, train_logits, transfer_logits)
+    assert len(combined) == 80 and not combined.multilabel and torch.equal(logits[64:], transfer_logits)
+    assert torch.equal(combined.targets[:64], F.one_hot(data.targets, 4).float())  # labelled clips keep labels
+    assert torch.allclose(combined.targets[64:], torch.softmax(transfer_logits, 1))  # the rest: the teacher's view
+    tp = params.train.model_copy(update={"batch_size": 16, "crop_seconds": None, "epochs": 2,
+                                         "augment": ["mixup", "gain"]})
+    model = students.build_student(params, classes, stats)
+    result = fit(model, combined, data, tp, params, 0, tmp_path / "kd", teacher_logits=logits,
+                 kd=KDParams(temperature=2.0, alpha=0.9), progress=False)
+    assert len(result.history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())

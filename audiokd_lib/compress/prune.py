@@ -2,8 +2,9 @@
 
 Two ways to make a network smaller by deleting parts of it:
 
-- **Unstructured** (:func:`prune_unstructured`): set the individually smallest weights to zero, ranked
-  by magnitude across all layers at once. Accuracy holds up well to high sparsity, but the tensors keep
+- **Unstructured** (:func:`prune_unstructured`): set the individually least important weights to zero,
+  ranked across all layers at once, by magnitude rescaled per layer (LAMP, :func:`lamp_scores`) so that
+  no layer is emptied. Accuracy holds up well to high sparsity, but the tensors keep
   their shapes: the checkpoint is as large as before and a dense CPU kernel multiplies the zeros just
   the same. The savings are real only for a sparse storage format (:func:`compressed_size_mb`) or
   sparse hardware, and :func:`nonzero_macs` counts what such hardware could skip.
@@ -16,6 +17,13 @@ Two ways to make a network smaller by deleting parts of it:
 
 A structurally pruned model is a :class:`~audiokd_lib.models.Classifier` like any other; its spec
 records how it was pruned, and :func:`~audiokd_lib.models.load_checkpoint` rebuilds it at its new width.
+
+Pruned either way, a network's BatchNorm layers still hold the running statistics of the unpruned one,
+measured on activations that no longer exist; :func:`recalibrate_batchnorm` measures them again (adaptive
+BatchNorm, EagleEye: Li et al., 2020), which alone lifts a student pruned in one shot from near chance to
+a useful start for re-training.
+:func:`reinitialise` gives a pruned architecture fresh random weights: the control that asks whether the
+pruned weights were worth keeping at all (Liu et al., 2019).
 """
 
 from __future__ import annotations
@@ -36,18 +44,35 @@ from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.models.students import PRUNABLE, prunable_layers
 
 
-def prune_unstructured(model: Classifier, amount: float) -> Classifier:
-    """A copy with the fraction `amount` of conv and linear weights set to zero, smallest |w| first.
+def lamp_scores(weight: torch.Tensor) -> torch.Tensor:
+    """LAMP scores (Lee et al., 2021) of one layer's weights: each w² over the sum of the w² at least as large.
 
-    The ranking is global (one threshold for all layers), so layers with small weights lose more. The
-    mask is made permanent: the copy holds plain tensors with zeros in them, no pruning hooks.
+    A layer's largest weight scores 1 whatever the layer's scale, so one global threshold on these
+    scores never empties a layer, as a threshold on raw |w| does to layers with small weights.
+    """
+    squared = weight.detach().flatten() ** 2
+    order = squared.argsort()
+    ranked = squared[order]
+    scores = torch.empty_like(squared)
+    scores[order] = ranked / ranked.flip(0).cumsum(0).flip(0)
+    return scores.view_as(weight)
+
+
+def prune_unstructured(model: Classifier, amount: float, ranking: Literal["lamp", "l1"] = "lamp") -> Classifier:
+    """A copy with the fraction `amount` of conv and linear weights set to zero, least important first.
+
+    One threshold for all layers, on LAMP scores (`ranking="lamp"`) or on raw |w| ("l1", which strips
+    layers with small weights first). The mask is made permanent: the copy holds plain tensors with
+    zeros in them, no pruning hooks.
     """
     pruned = copy.deepcopy(model)
     targets = [(module, "weight") for module in prunable_layers(pruned)]
-    torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount)
+    scores = {target: lamp_scores(target[0].weight) for target in targets} if ranking == "lamp" else None
+    torch_prune.global_unstructured(targets, pruning_method=torch_prune.L1Unstructured, amount=amount,
+                                    importance_scores=scores)
     for module, name in targets:
         torch_prune.remove(module, name)
-    pruned.spec["pruning"] = {"kind": "unstructured", "amount": amount}
+    pruned.spec["pruning"] = {"kind": "unstructured", "amount": amount, "ranking": ranking}
     return pruned
 
 
@@ -154,6 +179,48 @@ def prune_channels(
     pruned.zero_grad(set_to_none=True)
     pruned.spec["pruning"] = {"kind": "structured", "ratio": ratio, "importance": importance}
     return pruned.train(model.training)
+
+
+def recalibrate_batchnorm(model: Classifier, features: torch.Tensor, batches: int = 40,
+                          batch_size: int = 32) -> Classifier:
+    """A copy whose BatchNorm running statistics are measured afresh on up to `batches` batches of `features`.
+
+    The statistics are reset and then averaged over the batches with equal weight (momentum None),
+    in train mode so that each layer sees the statistics of its own batch, without gradients: the
+    weights do not change. The clips are taken in a fixed random order, so the result is reproducible.
+    """
+    recalibrated = copy.deepcopy(model).train()
+    norms = [module for module in recalibrated.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))[:batches * batch_size]
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            recalibrated.head(features[order[start:start + batch_size]])
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return recalibrated.train(model.training)
+
+
+def reinitialise(model: Classifier, seed: int) -> Classifier:
+    """A copy with the same (possibly pruned) architecture and fresh random weights, as torchvision
+    initialises a MobileNet: He-normal convolutions (fan out), unit BatchNorm with reset statistics,
+    N(0, 0.01) linear layers, zero biases. The front end and its normalisation are kept."""
+    fresh = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    for module in fresh.net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", generator=generator)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_parameters()
+        elif isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.01, generator=generator)
+        if isinstance(module, PRUNABLE) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    fresh.spec["pruning"] = {**fresh.spec.get("pruning", {}), "reinitialised": seed}
+    return fresh
 
 
 def channel_counts(model: Classifier) -> dict[str, int]:

@@ -25,7 +25,8 @@ def cache_teacher_logits(params: Params, teacher: Classifier, checkpoint: Path, 
     """Run the teacher once over every clip of every split and save its logits (the soft labels).
 
     Stored with the teacher's identity, its checkpoint's hash and the clips' paths, so a changed
-    teacher or dataset is never paired with an old cache (see :func:`load_teacher_logits`).
+    teacher or dataset is never paired with an old cache (see :func:`load_teacher_logits`). For an
+    ensemble teacher these are the ensemble's: its averaged logits, its name, its own checkpoint.
     """
     saved = {"identity": teacher.spec["identity"], "checkpoint_sha256": file_digest(checkpoint),
              "classes": teacher.classes,

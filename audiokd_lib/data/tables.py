@@ -11,6 +11,7 @@ hashes what a model learns from (files, labels, splits), for caches and runs to 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ class SoundfontPlan:
     train: dict[str, Path]
     heldout: tuple[str, Path] | None
     notices: list[str] = field(default_factory=list)
+    transfer: dict[str, Path] = field(default_factory=dict)  # unlabelled timbres for distillation
 
 
 def plan_soundfonts(dp: DataParams) -> SoundfontPlan:
@@ -62,7 +64,16 @@ def plan_soundfonts(dp: DataParams) -> SoundfontPlan:
             notices.append(f"held-out soundfont replaced by {FALLBACK_SOUNDFONT}")
         else:
             notices.append("no held-out soundfont left that differs from the training ones: no `heldout` split")
-    return SoundfontPlan(train, heldout, notices)
+    # A transfer soundfont is never substituted: the fallback may be the held-out or a training timbre.
+    transfer = {}
+    for name in dp.transfer_soundfonts:
+        if (path := synth.find_soundfont(name)) is None:
+            notices.append(f"transfer soundfont {name} is not installed ({synth.install_hint(name)}): no transfer set")
+        elif heldout is not None and name == heldout[0]:
+            notices.append(f"transfer soundfont {name} stands in for the held-out one here: not used for transfer")
+        elif name not in train:
+            transfer[name] = path
+    return SoundfontPlan(train, heldout, notices, transfer)
 
 
 def data_dir(params: Params) -> Path:
@@ -73,7 +84,7 @@ def data_dir(params: Params) -> Path:
 def render_notes_dataset(params: Params, plan: SoundfontPlan, progress: bool = True) -> NotesReport:
     """Render (or resume rendering) the single-note dataset of the profile."""
     dp = params.data
-    soundfonts = dict(plan.train)
+    soundfonts = {**plan.train, **plan.transfer}
     if plan.heldout is not None:
         soundfonts[plan.heldout[0]] = plan.heldout[1]
     return render_notes(
@@ -111,17 +122,29 @@ def _start_splits(table: pd.DataFrame, heldout: str | None) -> tuple[pd.DataFram
 
 
 def split_notes(table: pd.DataFrame, val_fraction: float, test_fraction: float, heldout: str | None,
-                seed: int) -> pd.DataFrame:
-    """Assign train/val/test by (instrument, pitch) groups within each label; heldout by soundfont."""
+                seed: int, transfer: Iterable[str] = ()) -> pd.DataFrame:
+    """Assign train/val/test by (instrument, pitch) groups within each label; heldout by soundfont.
+
+    Notes of the `transfer` soundfonts form the `transfer` split, kept only at (instrument, pitch)
+    groups of the train split, so that no validation or test note is heard in any timbre in training.
+    """
     rng = np.random.default_rng(seed)
     table, is_heldout = _start_splits(table, heldout)
-    for _, rows in table[~is_heldout].groupby("label", sort=True):
+    is_transfer = table["soundfont"].isin(list(transfer))
+    for _, rows in table[~is_heldout & ~is_transfer].groupby("label", sort=True):
         pitches = rng.permutation(np.sort(rows["pitch_id"].unique()))
         n_test = round(len(pitches) * test_fraction)
         n_val = round(len(pitches) * val_fraction)
         test, val = set(pitches[:n_test]), set(pitches[n_test:n_test + n_val])
         table.loc[rows.index[rows["pitch_id"].isin(test)], "split"] = "test"
         table.loc[rows.index[rows["pitch_id"].isin(val)], "split"] = "val"
+    if is_transfer.any():
+        trained = set(table.loc[table["split"].eq("train") & ~is_heldout & ~is_transfer, ["label", "pitch_id"]]
+                      .itertuples(index=False, name=None))
+        keys = list(zip(table["label"], table["pitch_id"]))
+        at_training_pitch = pd.Series([key in trained for key in keys], index=table.index)
+        table.loc[is_transfer, "split"] = "transfer"
+        table = table[~is_transfer | at_training_pitch].copy()
     return table
 
 
@@ -185,7 +208,8 @@ def build_clip_tables(params: Params, plan: SoundfontPlan, real: RealData | None
     extra = {} if real is None else {name: t for name, t in real.tables.items() if name != "clips"}
     if real is None:
         notes = read_tinysol_metadata(data_dir(params) / "notes")
-        notes = split_notes(notes, dp.notes.val_fraction, dp.notes.test_fraction, heldout, params.seed)
+        notes = split_notes(notes, dp.notes.val_fraction, dp.notes.test_fraction, heldout, params.seed,
+                            transfer=plan.transfer)
     else:
         notes = real.tables.get("clips")
     pieces_root = data_dir(params) / "pieces"
@@ -209,6 +233,7 @@ def build_clip_tables(params: Params, plan: SoundfontPlan, real: RealData | None
                           "splits": t["split"].value_counts().to_dict()} for name, t in extra.items()},
         "train_soundfonts": {name: str(path) for name, path in plan.train.items()},
         "heldout_soundfont": heldout,
+        "transfer_soundfonts": {name: str(path) for name, path in plan.transfer.items()},
         "notices": plan.notices,
         "clips": None if notes is None else {"rows": len(notes), "fingerprint": fingerprint(notes),
                                              "splits": notes["split"].value_counts().to_dict()},

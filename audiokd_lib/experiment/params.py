@@ -82,12 +82,26 @@ class DataParams(_Section):
     synth: Literal["auto", "fluidsynth", "tinysoundfont"] = "auto"
     train_soundfonts: list[str] = ["FluidR3_GM"]
     heldout_soundfont: str | None = "MuseScore_General"
+    # The transfer set: notes played by these soundfonts, at training pitches only, that no model ever sees
+    # with their labels. Only the teacher labels them, so distillation can use them and the labels-only
+    # baseline cannot (Hinton et al., 2015). Never the held-out soundfont.
+    transfer_soundfonts: list[str] = []
     # Without the Debian soundfonts, render with TimGM6mb (shipped in pretty_midi) instead of
     # failing; the substitution is printed and recorded in the data manifest.
     allow_fallback_soundfont: bool = True
     notes: NotesParams = NotesParams()
     pieces: PiecesParams = PiecesParams()
     downloads: DownloadParams = DownloadParams()
+
+    @model_validator(mode="after")
+    def _check_transfer(self) -> DataParams:
+        if self.heldout_soundfont in self.transfer_soundfonts:
+            raise ValueError(f"data.transfer_soundfonts holds the held-out soundfont {self.heldout_soundfont}: "
+                             "the transfer set must never touch the timbres the models are tested on")
+        if overlap := set(self.transfer_soundfonts) & set(self.train_soundfonts):
+            raise ValueError(f"data.transfer_soundfonts {sorted(overlap)} are training soundfonts too; a transfer "
+                             "set is made of timbres the labelled training clips do not have")
+        return self
 
 
 class FeatureParams(_Section):
@@ -188,6 +202,10 @@ class TrainParams(_Section):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seeds: list[int] = Field([0], min_length=1, description="one run per seed; spread is reported")
     augment: list[Literal["gain", "noise", "specaugment", "mixup"]] = ["gain", "noise", "specaugment", "mixup"]
+    # After training, BatchNorm statistics measured again on this many batches of whole, clean training
+    # clips: the running averages collected during training describe augmented crops, not what the model
+    # is tested on. 0: keep the training-time statistics.
+    recalibrate_batches: int = Field(40, ge=0)
 
 
 class TeacherParams(_Section):
@@ -200,7 +218,18 @@ class TeacherParams(_Section):
     download: bool = True           # fetch from the official URL (sha256-checked) when not found locally
     finetune: Literal["head", "last_blocks", "all"] = "all"
     last_blocks: int = Field(2, ge=1, description="blocks trained when finetune is last_blocks")
+    # One fine-tuned teacher per seed; two or more are averaged into one ensemble teacher (notebook 03).
     train: TrainParams = TrainParams(epochs=6, lr=1e-3, seeds=[0])
+
+    @model_validator(mode="after")
+    def _check_members(self) -> TeacherParams:
+        seeds = self.train.seeds
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"teacher.train.seeds {seeds} repeats a seed: two ensemble members would be one model")
+        if self.kind == "ast" and len(seeds) > 1:
+            raise ValueError(f"teacher.train.seeds {seeds}: an ensemble needs members that read the students' "
+                             "log-mel features, and AST has its own front end; give the AST teacher one seed")
+        return self
 
 
 class StudentParams(_Section):
@@ -224,12 +253,17 @@ class PruneParams(_Section):
 
     source: Literal["student-kd", "student-baseline"] = "student-kd"  # its best run by validation score
     sparsities: list[float] = Field([0.3, 0.5, 0.7, 0.9], min_length=1, description="unstructured sweep")
-    channel_ratios: list[float] = Field([0.25, 0.5, 0.75], min_length=1, description="structured sweep")
+    channel_ratios: list[float] = Field([0.25, 0.35, 0.5, 0.75], min_length=1, description="structured sweep")
     importance: Literal["l1", "taylor"] = "l1"  # how channels are ranked for removal
     sparsity: float = Field(0.7, gt=0.0, lt=1.0, description="the unstructured setting re-trained in 07")
-    channel_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
-    retrain: list[Literal["kd", "labels"]] = Field(["kd", "labels"], min_length=1)
-    train: TrainParams = TrainParams(epochs=5, lr=1e-3, warmup_epochs=0.5, seeds=[0])
+    channel_ratio: float = Field(0.35, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
+    # Adaptive BatchNorm (EagleEye): after pruning, this many training batches (of prune.train.batch_size)
+    # measure every BatchNorm's statistics again; 0 keeps the unpruned network's.
+    recalibrate_batches: int = Field(40, ge=0)
+    # kd: re-distilled; labels: fine-tuned on labels; scratch: the structured architecture re-initialised
+    # and distilled on the same budget, the control of Liu et al. (2019)
+    retrain: list[Literal["kd", "labels", "scratch"]] = Field(["kd", "labels", "scratch"], min_length=1)
+    train: TrainParams = TrainParams(epochs=16, lr=3e-3, warmup_epochs=0.5, patience=16, seeds=[0])
 
     @model_validator(mode="after")
     def _check(self) -> PruneParams:

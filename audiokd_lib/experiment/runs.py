@@ -30,6 +30,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 
 from audiokd_lib import plots
@@ -55,7 +56,8 @@ def feature_key(params: Params, model: Classifier) -> str:
     return "logmel-" + params.fingerprint("features")
 
 
-def feature_sets(params: Params, table: pd.DataFrame, model: Classifier, splits=("train", "val", "test", "heldout"),
+def feature_sets(params: Params, table: pd.DataFrame, model: Classifier,
+                 splits=("train", "val", "test", "heldout", "transfer"),
                  progress: bool = True) -> dict[str, FeatureSet]:
     """Cached features of every split the table has, through `model`'s front end."""
     present = [s for s in splits if (table["split"] == s).any()]
@@ -85,10 +87,10 @@ def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.
             "compressed_mb": prune.compressed_size_mb(model)}
 
 
-def scores(model: Classifier, sets: dict[str, FeatureSet]) -> dict[str, float]:
+def scores(model: Classifier, sets: dict[str, FeatureSet], splits: tuple[str, ...] = EVAL_SPLITS) -> dict[str, float]:
     """The table's scores on the test and heldout splits (e.g. `heldout_macro_f1`), nothing saved."""
     results = {}
-    for split in EVAL_SPLITS:
+    for split in splits:
         if split in sets:
             data = sets[split]
             found = metrics.classification_metrics(data.targets.numpy(), predict(model, data).numpy(), data.classes,
@@ -166,6 +168,12 @@ class RunJob:
     teacher: Classifier | None = None           # consistent distillation: the teacher sees every batch
     teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
     kd: KDParams | None = None                  # the distillation loss's temperature and alpha; None: labels only
+    metrics: dict[str, float] = field(default_factory=dict)  # logged with the measured ones (log_model's)
+    train: FeatureSet | None = None             # this job's training clips, if not the shared `train` split
+
+
+def _job_sets(job: RunJob, sets: dict[str, FeatureSet]) -> dict[str, FeatureSet]:
+    return sets if job.train is None else {**sets, "train": job.train}
 
 
 def train_and_log(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
@@ -191,7 +199,7 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
     """
     rows, todo = {}, []
     for job in jobs:
-        row = _reuse_job(params, job, sets, tp)
+        row = _reuse_job(params, job, _job_sets(job, sets), tp)
         if row is None:
             todo.append(job)
         else:
@@ -200,12 +208,13 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
     results = {}
     if workers <= 1:
         for job in todo:
-            results[job.name] = _fit_job(params, job, sets["train"], sets["val"], tp, progress)
+            results[job.name] = _fit_job(params, job, _job_sets(job, sets)["train"], sets["val"], tp, progress)
     else:
         # spawn, not fork: a forked copy of a process that already ran torch threads can deadlock.
         print(f"training {len(todo)} runs in {workers} processes of {params.threads} thread(s) each")
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, sets, tp)): job for job in todo}
+            futures = {pool.submit(_fit_in_worker, _worker_payload(params, job, _job_sets(job, sets), tp)): job
+                       for job in todo}
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
                 job, result = futures[future], future.result()
                 results[job.name] = result
@@ -216,7 +225,7 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
             job.model.load_state_dict(torch.load(fitted, weights_only=True))
             job.model.eval()
     for job in todo:
-        rows[job.name] = _log_run(params, job, sets, results[job.name], params_file)
+        rows[job.name] = _log_run(params, job, _job_sets(job, sets), results[job.name], params_file)
         (_run_dir(params, job) / "fitted.pt").unlink(missing_ok=True)
     return [rows[job.name] for job in jobs]
 
@@ -317,13 +326,16 @@ def _fit_in_worker(payload: bytes) -> FitResult:
 
 
 def log_model(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
-              tags: dict[str, str] | None = None, params_file: str | Path | None = None) -> pd.Series:
+              tags: dict[str, str] | None = None, params_file: str | Path | None = None,
+              metrics: dict[str, float] | None = None) -> pd.Series:
     """Evaluate and log a model made without training (a pruned copy): the same measures as every run.
 
-    Logged again only when the model's weights or the data changed; otherwise its MLflow row is reused.
+    `metrics` are logged besides those (a teacher ensemble's validation score, which :func:`best_run`
+    reads). Logged again only when the model's weights or the data changed; otherwise its MLflow row is reused.
     """
     weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
-    job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]})
+    job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]},
+                 metrics=dict(metrics or {}))
     row = _reuse_job(params, job, sets, None)
     return row if row is not None else _log_run(params, job, sets, None, params_file)
 
@@ -347,7 +359,8 @@ def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: F
                             "epochs_run": len(result.history),
                             "train_seconds": float(result.history["seconds"].sum())})
         example = sets["val"].features[:1]
-        tracking.log_final({**results, **measure(params, model, checkpoint, example), "clip_frames": example.shape[-1]})
+        tracking.log_final({**results, **job.metrics, **measure(params, model, checkpoint, example),
+                            "clip_frames": example.shape[-1]})
         tracking.log_artifacts([checkpoint, *artifacts])
         run_id = run.info.run_id
     return _finish(params, job.role, job.name, run_id)
@@ -404,9 +417,12 @@ TABLE_COLUMNS = {
 def best_run(params: Params, role: str) -> pd.Series:
     """Of the newest run of every model of `role`, the one with the best validation score.
 
-    Chosen on validation, never on test or held-out scores, which would then be optimistic.
+    Chosen on validation, never on test or held-out scores, which would then be optimistic. The members
+    of an ensemble (runs tagged `member_of`) are parts of a model, not candidates: the ensemble is.
     """
     runs = tracking.runs_frame(params, role).drop_duplicates("model")
+    if "member_of" in runs:
+        runs = runs[runs["member_of"].isna()]
     if runs.empty:
         tracking.latest_run(params, role)  # raises, naming the notebook that makes this role
     metric = "val_mAP" if "val_mAP" in runs and runs["val_mAP"].notna().any() else "val_macro_f1"
@@ -432,23 +448,50 @@ def seed_summary(table: pd.DataFrame, value: str, by: str = "role") -> pd.DataFr
     return table.groupby(by, sort=False)[value].agg(["mean", "std", "min", "max", "count"])
 
 
-def verdict(summary: pd.DataFrame, score: str, baseline: str = "baseline") -> str:
-    """One plain sentence per distilled variant: better, worse, or within the seed spread."""
-    if baseline not in summary.index:
-        return f"No `{baseline}` runs to compare with."
-    base = summary.loc[baseline]
+def compare_to_baseline(table: pd.DataFrame, score: str, by: str = "variant", baseline: str = "baseline"
+                        ) -> pd.DataFrame:
+    """Each variant's gain over the baseline in `score`, across seeds, with Welch's t-test.
+
+    Welch's test (scipy) does not assume equal variances; with three seeds a side it is weak, so the 95%
+    confidence interval of the difference is given too: a gain holds when the interval excludes zero.
+    """
+    if "role" in table:  # teacher rows (an ensemble and its members, variants of their own) are no student recipe
+        table = table[table["role"] != "teacher"]
+    groups = {name: rows[score].dropna().to_numpy() for name, rows in table.groupby(by, sort=False)}
+    if baseline not in groups:
+        raise ValueError(f"no `{baseline}` rows in column {by!r} to compare with")
+    base, rows = groups[baseline], []
+    for name, values in groups.items():
+        if name in (baseline, "teacher"):
+            continue
+        row = {by: name, "seeds": len(values), "mean": values.mean(), "baseline mean": base.mean(),
+               "difference": values.mean() - base.mean()}
+        if min(len(values), len(base)) >= 2:
+            test = stats.ttest_ind(values, base, equal_var=False)
+            interval = test.confidence_interval(0.95)
+            row.update({"95% CI low": interval.low, "95% CI high": interval.high, "Welch t": test.statistic,
+                        "p": test.pvalue})
+        rows.append(row)
+    return pd.DataFrame(rows).set_index(by)
+
+
+def verdict(comparison: pd.DataFrame, score: str, target: float = 0.03) -> str:
+    """One plain sentence per variant of :func:`compare_to_baseline`: a gain that holds, or does not."""
     lines = []
-    for variant, row in summary.drop(index=[baseline, "teacher"], errors="ignore").iterrows():
-        diff = row["mean"] - base["mean"]
-        spread = max(base["max"] - base["min"], row["max"] - row["min"])
-        n = int(min(row["count"], base["count"]))
-        if n < 2:
-            judgement = "one seed only: no spread to compare against, so no conclusion"
-        elif abs(diff) <= spread:
-            judgement = f"within the seed spread ({spread:.3f}): no measurable effect"
+    for variant, row in comparison.iterrows():
+        head = (f"- **{variant}**: {score} {row['mean']:.3f} vs baseline {row['baseline mean']:.3f} over "
+                f"{int(row['seeds'])} seeds, a difference of {row['difference']:+.3f}")
+        if pd.isna(row.get("p")):
+            lines.append(f"{head}: too few seeds for a test, so no conclusion.")
+            continue
+        test = (f"95% CI [{row['95% CI low']:+.3f}, {row['95% CI high']:+.3f}], "
+                f"Welch t = {row['Welch t']:.2f}, p = {row['p']:.3f}")
+        if row["95% CI low"] > 0:
+            met = "meets" if row["difference"] >= target else "falls short of"
+            judged = f"a gain that holds, and {met} the {target:+.3f} target"
+        elif row["95% CI high"] < 0:
+            judged = "a loss that holds"
         else:
-            judgement = f"{'better' if diff > 0 else 'worse'} than the baseline, beyond the seed spread ({spread:.3f})"
-        lines.append(f"- **{variant}**: {score} {row['mean']:.3f} ± {row['std']:.3f} vs baseline "
-                     f"{base['mean']:.3f} ± {base['std']:.3f} over {n} seeds, a difference of {diff:+.3f}: "
-                     f"{judgement}.")
+            judged = "no difference that holds: the interval includes zero"
+        lines.append(f"{head} ({test}): {judged}.")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ the teacher sees exactly the augmented, cropped, mixed batch the student sees.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from audiokd_lib.audio import augment
 from audiokd_lib.audio.features import SkippedFiles, iter_clips
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
+from audiokd_lib.compress.prune import recalibrate_batchnorm
 from audiokd_lib.experiment import metrics
 from audiokd_lib.experiment.loop import EpochLoop
 from audiokd_lib.experiment.losses import hard_loss
@@ -49,15 +51,16 @@ from audiokd_lib.models.students import prunable_layers
 
 @dataclass
 class FeatureSet:
-    """Cached features of one split with their targets (class indices, or multi-hot rows)."""
+    """Cached features of one split with their targets (class indices, multi-hot rows, or soft rows)."""
 
     features: torch.Tensor          # (clips, 1, bins, frames), float16 on disk, float32 in use
-    targets: torch.Tensor           # (clips,) int64, or (clips, classes) float for multi-label
+    targets: torch.Tensor           # (clips,) int64, or (clips, classes) float: multi-hot, or probabilities
     paths: list[str]
     classes: list[str]
     data_fingerprint: str           # of the whole clip table the split came from (data.fingerprint)
     skipped: list[str] = field(default_factory=list)
     cache_file: str | None = None   # where `features` came from, so a copy sent to a worker needs no payload
+    soft_targets: bool = False      # (clips, classes) rows are one label's probabilities, not multi-hot
 
     def __getstate__(self) -> dict:
         # Sent to a training worker (runs.train_many): the features travel as their cache file's path.
@@ -73,7 +76,7 @@ class FeatureSet:
 
     @property
     def multilabel(self) -> bool:
-        return self.targets.dim() == 2
+        return self.targets.dim() == 2 and not self.soft_targets
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,6 +133,32 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
     return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
                       skipped.errors, cache_file=str(path))
 
+
+
+def with_transfer_set(train: FeatureSet, transfer: FeatureSet, train_logits: torch.Tensor,
+                      transfer_logits: torch.Tensor) -> tuple[FeatureSet, torch.Tensor]:
+    """The labelled training clips plus the transfer clips, and the teacher's logits for all of them.
+
+    The transfer clips' own labels are thrown away: their targets are the teacher's probabilities, so
+    the whole loss on them, the label term included, says what the teacher heard. The labelled clips
+    keep their labels as one-hot rows. Saved beside the features cache, so a worker process reads it
+    from disk instead of receiving it.
+    """
+    if train.multilabel or transfer.classes != train.classes:
+        raise ValueError("a transfer set needs single-label data with the training split's classes")
+    features = torch.cat([train.features, transfer.features])
+    targets = torch.cat([F.one_hot(train.targets, len(train.classes)).float(), F.softmax(transfer_logits, dim=1)])
+    cache_file = None
+    if train.cache_file is not None:
+        digest = hashlib.sha256(f"{train.cache_file}|{transfer.cache_file}".encode() + targets.numpy().tobytes())
+        cache_file = Path(train.cache_file).with_name(f"train+transfer-{digest.hexdigest()[:12]}.pt")
+        if not cache_file.is_file():
+            with atomic_path(cache_file) as tmp:
+                torch.save({"features": features.half()}, tmp)
+    combined = FeatureSet(features, targets, train.paths + transfer.paths, train.classes, train.data_fingerprint,
+                          train.skipped + transfer.skipped, None if cache_file is None else str(cache_file),
+                          soft_targets=True)
+    return combined, torch.cat([train_logits, transfer_logits])
 
 class FeatureAugment:
     """Cheap augmentations of a batch of log-mel features, with their own seeded generator.
@@ -252,7 +281,7 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
         run_dir: str | Path, *, teacher: Classifier | None = None, teacher_logits: torch.Tensor | None = None,
         kd: KDParams | None = None, on_epoch: Callable[[dict], None] | None = None,
         progress: bool = True) -> FitResult:
-    """Train `model` in place and restore its best validation epoch.
+    """Train `model` in place, restore its best validation epoch and recalibrate its BatchNorm statistics.
 
     Hard labels only when `kd` is None; otherwise Hinton's loss at `kd.temperature` and `kd.alpha`,
     with soft targets from `teacher_logits` (cached mode: one row per training clip) or from `teacher`
@@ -321,7 +350,11 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
             print(f"epoch {epoch + 1}: train loss {row['train_loss']:.3f}, val loss {val_loss:.3f}, "
                   f"val {metric} {val_score:.3f} ({row['seconds']:.0f} s)")
     loop.restore_best()
-    model.cpu().eval()
+    model.cpu()
+    if tp.recalibrate_batches:  # statistics of whole, clean clips: what the model will be tested on
+        recalibrated = recalibrate_batchnorm(model, train.features, tp.recalibrate_batches, tp.batch_size)
+        model.load_state_dict(recalibrated.state_dict())
+    model.eval()
     write_json(Path(run_dir) / "history.json", loop.history)
     return FitResult(pd.DataFrame(loop.history), loop.best["epoch"], loop.best["score"], metric,
                      stopped_early=len(loop.history) < tp.epochs)

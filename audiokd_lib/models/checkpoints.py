@@ -2,8 +2,9 @@
 
 A checkpoint stores the network's weights together with a `spec` (architecture, class names, front-end
 settings, normalisation, how it was pruned), so `audiokd classify` can rebuild any model of the course
-from the file alone, a channel-pruned student at its pruned widths included. Our checkpoints hold only
-tensors, strings, numbers and lists, so they are read with PyTorch's safe, weights-only loader.
+from the file alone, a channel-pruned student at its pruned widths and a teacher ensemble with the specs
+of all its members included. Our checkpoints hold only tensors, strings, numbers and lists, so they are
+read with PyTorch's safe, weights-only loader.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from audiokd_lib.audio.features import LogMel
 from audiokd_lib.experiment.params import FeatureParams, StudentParams
 from audiokd_lib.files import atomic_path
-from audiokd_lib.models import teachers
+from audiokd_lib.models import ensemble, teachers
 from audiokd_lib.models.classifier import Classifier, Normalise
 from audiokd_lib.models.students import student_net
 from audiokd_lib.models.teachers import _ASTLogits, _efficientat
@@ -49,31 +50,45 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
 def load_checkpoint(path: str | Path) -> Classifier:
     """Rebuild a Classifier saved by :func:`save_checkpoint`, in eval mode, on the CPU.
 
-    A channel-pruned model (spec "pruning" of kind "structured") comes back at its pruned widths.
+    A channel-pruned model (spec "pruning" of kind "structured") comes back at its pruned widths, and
+    an ensemble (kind "ensemble") with every member its spec lists.
     """
     saved = read_checkpoint(path)
-    spec = saved["spec"]
+    spec, state_dict = saved["spec"], saved["state_dict"]
+    try:
+        model = build_model(spec)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if spec["kind"] == "ensemble":
+        for index, (member_spec, head) in enumerate(zip(spec["members"], model.net.members)):
+            if member_spec.get("pruning", {}).get("kind") == "structured":
+                _shrink_to(head.net, state_dict, prefix=f"net.members.{index}.net.")
+    elif spec.get("pruning", {}).get("kind") == "structured":
+        _shrink_to(model.net, state_dict, prefix="net.")
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
+def build_model(spec: dict[str, Any]) -> Classifier:
+    """The untrained Classifier a spec describes, at the spec's full widths; weights come from a checkpoint."""
     classes = spec["classes"]
     if spec["kind"] == "student":
         sp = StudentParams(arch=spec["arch"], width_mult=spec["width_mult"], bn_momentum=spec["bn_momentum"])
         fp = FeatureParams(**spec["features"])
         n_mels = fp.n_mels
-        model = Classifier(spec, LogMel(fp), Normalise(torch.zeros(n_mels), torch.ones(n_mels)),
-                           student_net(sp, len(classes)))
-    elif spec["kind"] == "efficientat":
-        model = _efficientat(spec, teachers.replace_head(teachers.efficientat_mobilenet(), len(classes)))
-    elif spec["kind"] == "ast":
+        return Classifier(spec, LogMel(fp), Normalise(torch.zeros(n_mels), torch.ones(n_mels)),
+                          student_net(sp, len(classes)))
+    if spec["kind"] == "efficientat":
+        return _efficientat(spec, teachers.replace_head(teachers.efficientat_mobilenet(), len(classes)))
+    if spec["kind"] == "ast":
         from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
         net = ASTForAudioClassification(ASTConfig.from_dict(spec["ast_config"]))
         frontend = teachers.ASTFrontend(ASTFeatureExtractor.from_dict(spec["extractor"]))
-        model = Classifier(spec, frontend, nn.Identity(), _ASTLogits(net))
-    else:
-        raise ValueError(f"{path}: unknown model kind {spec['kind']!r}")
-    if spec.get("pruning", {}).get("kind") == "structured":
-        _shrink_to(model.net, saved["state_dict"], prefix="net.")
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()
+        return Classifier(spec, frontend, nn.Identity(), _ASTLogits(net))
+    if spec["kind"] == "ensemble":
+        return ensemble.assemble(spec, [build_model(member) for member in spec["members"]])
+    raise ValueError(f"unknown model kind {spec['kind']!r}")
 
 
 def _shrink_to(net: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str) -> None:

@@ -11,7 +11,9 @@ pruned ones) is a :class:`Classifier` made of three parts:
 
 Training works on cached features (`model.head(features)`), and inference on audio (`model(wave)`).
 The students are built in :mod:`~audiokd_lib.models.students`, the teachers in
-:mod:`~audiokd_lib.models.teachers`, and saved and rebuilt by :mod:`~audiokd_lib.models.checkpoints`.
+:mod:`~audiokd_lib.models.teachers`, an ensemble of teachers (whose network averages its members'
+logits) in :mod:`~audiokd_lib.models.ensemble`, and all of them are saved and rebuilt by
+:mod:`~audiokd_lib.models.checkpoints`.
 """
 
 from __future__ import annotations

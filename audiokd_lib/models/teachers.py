@@ -70,9 +70,15 @@ def pretrained_audioset(params: Params, progress: bool = True) -> Classifier:
     return _efficientat(spec, net).eval()
 
 
-def build_teacher(params: Params, classes: list[str], multilabel: bool = False, progress: bool = True) -> Classifier:
-    """The profile's pretrained teacher with a new head for our classes, ready to fine-tune."""
+def build_teacher(params: Params, classes: list[str], multilabel: bool = False, progress: bool = True,
+                  seed: int | None = None) -> Classifier:
+    """The profile's pretrained teacher with a new head for our classes, ready to fine-tune.
+
+    `seed` fixes the new head's random weights, so the members of an ensemble differ by their seeds alone.
+    """
     tp = params.teacher
+    if seed is not None:
+        torch.manual_seed(seed)
     if tp.kind == "efficientat":
         model = pretrained_audioset(params, progress)
         teachers.replace_head(model.net, len(classes))
