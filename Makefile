@@ -35,7 +35,6 @@ notebooks: setup
 lab: setup
 	$(BIN)/jupyter lab --ip 127.0.0.1 notebooks/
 
-# Copy the quick profile's table and figures (made by `make run`) to where the README embeds them.
-readme-results:
-	mkdir -p outputs/readme
-	cp outputs/quick/results.md outputs/quick/figures/pareto.png outputs/quick/figures/sensitivity.png outputs/readme/
+# Copy the quick profile's table, headline and figures (made by `make run`) into the README.
+readme-results: setup
+	$(BIN)/python scripts/readme_results.py quick

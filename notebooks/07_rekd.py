@@ -124,6 +124,17 @@ display(Image(filename=str(report.pareto_figure(params, table))))
 display(Markdown(report.targets_verdict(params, table)))
 
 # %% [markdown]
+# ## The headline: how much of the teacher does the final student keep?
+#
+# The question the course set out to answer, in one paragraph: the teacher against the baseline and
+# the final student in size, the best distilled student against the baseline, and the final student
+# against the teacher in score, MACs and CPU latency. The same sentences go to
+# `outputs/<profile>/headline.md`, which `make readme-results` copies into the README.
+
+# %%
+display(Markdown(report.headline(params, table)))
+
+# %% [markdown]
 # ## Shipping the final student: ONNX
 #
 # The structured-pruned, re-distilled student is the one to ship. ONNX (opset 17) carries it out of

@@ -11,7 +11,7 @@ from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
 from audiokd_lib.compress import soft_labels
-from audiokd_lib.experiment import runs, tracking
+from audiokd_lib.experiment import report, runs, tracking
 from audiokd_lib.experiment.params import KDParams, load_params
 from audiokd_lib.experiment.training import FeatureSet, fit, predict
 from audiokd_lib.models import checkpoints, students, teachers
@@ -151,3 +151,22 @@ def test_a_feature_set_travels_to_a_worker_as_its_cache_file(tmp_path):
     assert len(blob) < features.numel()  # no feature payload
     back = pickle.loads(blob)
     assert torch.equal(back.features, data.features) and back.paths == data.paths
+
+
+def test_headline_checks_the_course_targets(smoke_profile, tmp_path):
+    params = load_params(smoke_profile).model_copy(update={"outputs": str(tmp_path)})
+    row = {"teacher": "an ensemble", "params": 1000, "latency ms": 2.0, "latency ms/clip @32": 1.0, "seeds": 3}
+    table = pd.DataFrame([
+        {**row, "role": "teacher", "variant": "ensemble", "MACs": 80e6, "heldout macro-F1": 0.86},
+        {**row, "role": "student-baseline", "variant": "baseline", "MACs": 10e6, "heldout macro-F1": 0.70},
+        {**row, "role": "student-kd", "variant": "kd-cached", "MACs": 10e6, "heldout macro-F1": 0.72},
+        {**row, "role": "student-kd", "variant": "kd-cached+transfer", "MACs": 10e6, "heldout macro-F1": 0.76},
+        {**row, "role": "student-rekd", "variant": "structured 35% + re-KD", "MACs": 5e6, "heldout macro-F1": 0.78,
+         "latency ms": 1.0, "latency ms/clip @32": 0.5, "params": 300},
+    ])
+    teacher, kd, final = report.headline(params, table).splitlines()
+    assert "8.0x the baseline" in teacher and "(target at least 5x: **met**)" in teacher
+    assert "16.0x the final student's (target at least 20x: **not met**)" in teacher
+    assert "(kd-cached+transfer)" in kd and "+6.0 points (target at least +3: **met**" in kd
+    assert "keeps 91% of the teacher's" in final and "1/16 of its MACs (target at most 1/20: **not met**)" in final
+    assert (params.output_dir / "headline.md").read_text().count("\n- ") == 3

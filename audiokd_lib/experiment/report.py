@@ -206,3 +206,52 @@ def targets_verdict(params: Params, table: pd.DataFrame) -> str:
                      f"budget scores {', '.join(f'{control[s]:.3f} {s}' for s in scores)}, against "
                      f"{', '.join(f'{slim[s]:.3f}' for s in scores)} for the pruned weights re-distilled.")
     return "\n".join(lines)
+
+
+def headline(params: Params, table: pd.DataFrame) -> str:
+    """The course's answer in plain words: the teacher, the best distilled student and the final one.
+
+    Checked against the targets: a teacher of at least 5x the baseline's and 20x the final student's
+    MACs; a distilled student 3 points above the baseline on the held-out score (the seeds' mean); the
+    final student at most 1/20 of the teacher's MACs, at least 90% of its held-out score, and faster at
+    batch 1 and 32. Written to outputs/<profile>/headline.md as well.
+    """
+    teacher, base = table[table["role"] == "teacher"], table[table["role"] == "student-baseline"]
+    final = table[(table["role"] == "student-rekd") & table["variant"].str.startswith("structured")]
+    if teacher.empty or base.empty or final.empty:
+        return "No teacher, baseline or structured re-distilled student in the table: no headline."
+    teacher, base, final = teacher.iloc[0], base.iloc[0], final.iloc[0]
+    kd = table[table["role"] == "student-kd"]
+    score = main_score(table)
+    best = kd.loc[kd[score].idxmax()] if len(kd) else None
+
+    def met(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    lines = [f"- Teacher: {teacher['teacher'] if isinstance(teacher.get('teacher'), str) else teacher['variant']}, "
+             f"{teacher['MACs'] / 1e6:.1f} M MACs a clip: {teacher['MACs'] / base['MACs']:.1f}x the baseline "
+             f"student's (target at least 5x: {met(teacher['MACs'] >= 5 * base['MACs'])}) and "
+             f"{teacher['MACs'] / final['MACs']:.1f}x the final student's (target at least 20x: "
+             f"{met(teacher['MACs'] >= 20 * final['MACs'])}); {score} {teacher[score]:.3f}."]
+    if best is not None:
+        gain = 100 * (best[score] - base[score])
+        lines.append(f"- Distillation: the best distilled student ({best['variant']}) scores {score} "
+                     f"{best[score]:.3f} against {base[score]:.3f} for the labels-only baseline, means over "
+                     f"{int(best['seeds'])} and {int(base['seeds'])} seeds: {gain:+.1f} points (target at least +3: "
+                     f"{met(gain >= 3)}; notebook 05 tests the difference across seeds).")
+    share = final[score] / teacher[score]
+    batch32 = "latency ms/clip @32"
+    faster = [(f"batch 1: {final['latency ms']:.2f} against {teacher['latency ms']:.2f} ms",
+               final["latency ms"] < teacher["latency ms"]),
+              (f"per clip at batch 32: {final[batch32]:.3f} against {teacher[batch32]:.3f} ms",
+               final[batch32] < teacher[batch32])]
+    lines.append(f"- The final student ({final['variant']}) keeps {100 * share:.0f}% of the teacher's {score} "
+                 f"({final[score]:.3f}; target at least 90%: {met(share >= 0.9)}) with "
+                 f"1/{teacher['MACs'] / final['MACs']:.0f} of its MACs (target at most 1/20: "
+                 f"{met(final['MACs'] * 20 <= teacher['MACs'])}) and {final['params']:,.0f} parameters against "
+                 f"{teacher['params']:,.0f}. CPU latency on {params.threads} thread(s), "
+                 + "; ".join(f"{text} ({met(ok)})" for text, ok in faster) + ".")
+    text = "\n".join(lines)
+    with atomic_path(params.output_dir / "headline.md") as tmp:
+        tmp.write_text(f"Profile `{params.profile}`, from `outputs/{params.profile}/results.csv`:\n\n{text}\n")
+    return text
