@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jupytext
@@ -47,6 +49,16 @@ def test_every_notebook_runs_with_the_smoke_profile(smoke_profile):
     assert len(list((outputs / "figures").glob("*.png"))) >= 4
     check_results_table(params, pd.read_csv(outputs / "results.csv"))
     check_separated_stems(params, outputs / "separated")
+    check_kd_sweep(smoke_profile)
+
+
+def check_kd_sweep(profile: Path) -> None:
+    """scripts/kd_sweep.py on the data and teacher logits the chain left: one line per variant and seed."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "kd_sweep.py"), "--params", str(profile),
+                           "--variants", "base", "kd+transfer:2:0.9"], capture_output=True, text=True, check=True)
+    lines = [line.split() for line in done.stdout.splitlines() if line.startswith(("base ", "kd+transfer"))]
+    assert [line[0] for line in lines] == ["base", "kd+transfer:2:0.9"]
+    assert all(0.0 <= float(score) <= 1.0 for line in lines for score in line[2:])
 
 
 def check_results_table(params, table: pd.DataFrame) -> None:
