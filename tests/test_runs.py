@@ -137,6 +137,13 @@ def test_runs_trained_in_worker_processes_match_runs_trained_here(smoke_profile,
     again = jobs("there")
     rows_again = runs.train_many(params, again, sets, tp=tp, workers=2, progress=False)
     assert [r.name for r in rows_again] == [r.name for r in rows]  # the same MLflow runs, not new ones
+    # The same settings from other starting weights (a student pruned from another parent) train anew.
+    moved = jobs("there")
+    for job in moved:
+        with torch.no_grad():
+            next(job.model.parameters()).mul_(0.5)
+    rows_moved = runs.train_many(params, moved, sets, tp=tp, workers=1, progress=False)
+    assert not {r.name for r in rows_moved} & {r.name for r in rows}
 
 
 def test_a_feature_set_travels_to_a_worker_as_its_cache_file(tmp_path):
@@ -170,3 +177,4 @@ def test_headline_checks_the_course_targets(smoke_profile, tmp_path):
     assert "(kd-cached+transfer)" in kd and "+6.0 points (target at least +3: **met**" in kd
     assert "keeps 91% of the teacher's" in final and "1/16 of its MACs (target at most 1/20: **not met**)" in final
     assert (params.output_dir / "headline.md").read_text().count("\n- ") == 3
+

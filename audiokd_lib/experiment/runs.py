@@ -293,7 +293,10 @@ def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Tra
     """The MLflow row of a finished run with the job's settings (its weights loaded into the job), else None."""
     # (temperature, alpha) as a list: the key a bare tuple gave before KDParams, so earlier runs stay reusable.
     kd = None if job.kd is None else [job.kd.temperature, job.kd.alpha]
-    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets), {**_job_tags(job), "kd": kd})
+    # The weights it starts from: a pruned student re-trained from another parent is another run.
+    start = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in job.model.state_dict().values()))
+    key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets),
+                  {**_job_tags(job), "kd": kd, "start": start.hexdigest()[:12]})
     row = _reuse_or_prepare(params, job.role, job.name, key)
     if row is not None:
         job.model = load_checkpoint(checkpoint_path(params, job.name))
