@@ -171,3 +171,14 @@ def test_a_transfer_set_is_labelled_by_the_teacher_only(tiny, tmp_path):
     result = fit(model, combined, data, tp, params, 0, tmp_path / "kd", teacher_logits=logits,
                  kd=KDParams(temperature=2.0, alpha=0.9), progress=False)
     assert len(result.history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_cached_soft_labels_are_mixed_with_the_inputs_lambda_and_partner(tiny):
+    params, classes, stats, data = tiny
+    model = students.build_student(params, classes, stats)
+    aug = FeatureAugment(params, model, seed=3, kinds=["mixup"], crop_frames=None)
+    y = data.targets[:16]
+    # Soft labels equal to the one-hot labels must come out equal to the mixed labels, row by row.
+    _, mixed_y, mixed_soft = aug(data.features[:16], y, F.one_hot(y, 4).float())
+    assert torch.equal(mixed_y, mixed_soft)
+    assert (mixed_y.max(dim=1).values < 1).any()  # some rows really were mixed
