@@ -15,8 +15,8 @@ Two ways to make a network smaller by deleting parts of it:
   Fang et al., 2023) traces the network once to find these coupled groups and removes channels group by
   group, ranked by the importance of the whole group.
 
-A structurally pruned model is a :class:`~audiokd_lib.models.Classifier` like any other; its spec
-records how it was pruned, and :func:`~audiokd_lib.models.load_checkpoint` rebuilds it at its new width.
+A structurally pruned model is a :class:`~audiokd_lib.models.classifier.Classifier` like any other; its spec
+records how it was pruned, and :func:`~audiokd_lib.models.checkpoints.load_checkpoint` rebuilds it at its new width.
 
 Pruned either way, a network's BatchNorm layers still hold the running statistics of the unpruned one,
 measured on activations that no longer exist; :func:`recalibrate_batchnorm` measures them again (adaptive
@@ -101,7 +101,7 @@ def _count_nonzero_weights(module: nn.Module, inputs: tuple[torch.Tensor, ...], 
 def nonzero_macs(model: Classifier, example: torch.Tensor) -> int:
     """MACs of one forward of `model.head` on `example` (batch 1) that involve a non-zero weight.
 
-    Counted exactly as :func:`audiokd_lib.metrics.complexity` counts (thop), except for convolutions and
+    Counted exactly as :func:`audiokd_lib.experiment.metrics.complexity` counts (thop), except for convolutions and
     linear layers: there a zero weight costs nothing, so a layer counts its dense MACs times the
     fraction of its weights that are non-zero. BatchNorm and pooling count as thop counts them, and
     activations, residual additions and the normalisation of the features count zero, as in thop.

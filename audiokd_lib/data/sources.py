@@ -160,14 +160,14 @@ class Downloads:
                 if remote.name not in listed:
                     raise DownloadError(
                         f"Zenodo record {source.record} no longer lists {remote.name}: the dataset moved. "
-                        f"See {source.home} and update SOURCES in audiokd_lib/datasets.py."
+                        f"See {source.home} and update SOURCES in audiokd_lib/data/sources.py."
                     )
                 size, md5 = listed[remote.name]
                 if remote.md5 and md5 != remote.md5:
                     raise download.ChecksumError(
                         f"Zenodo record {source.record} lists md5 {md5} for {remote.name}, but this project "
                         f"expects {remote.md5}: the record changed. Nothing was downloaded; check {source.home} "
-                        "and update SOURCES in audiokd_lib/datasets.py."
+                        "and update SOURCES in audiokd_lib/data/sources.py."
                     )
                 remote = replace(remote, size=size, md5=md5)
             files[remote.name] = replace(remote, url=self.url(remote.url))
