@@ -156,5 +156,5 @@ display(pd.DataFrame(export.time_onnx(final, onnx_file, sets["test"].features[:3
 #
 # ```bash
 # .venv/bin/audiokd bench --profile quick --models teacher student-baseline \
-#     outputs/quick/models/pruned-structured-0.35-rekd/model.pt
+#     outputs/quick/models/pruned-structured-0.5-rekd/model.pt
 # ```

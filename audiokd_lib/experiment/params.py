@@ -256,7 +256,7 @@ class PruneParams(_Section):
     channel_ratios: list[float] = Field([0.25, 0.35, 0.5, 0.75], min_length=1, description="structured sweep")
     importance: Literal["l1", "taylor"] = "l1"  # how channels are ranked for removal
     sparsity: float = Field(0.7, gt=0.0, lt=1.0, description="the unstructured setting re-trained in 07")
-    channel_ratio: float = Field(0.35, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
+    channel_ratio: float = Field(0.5, gt=0.0, lt=1.0, description="the structured setting re-trained in 07")
     # Adaptive BatchNorm (EagleEye): after pruning, this many training batches (of prune.train.batch_size)
     # measure every BatchNorm's statistics again; 0 keeps the unpruned network's.
     recalibrate_batches: int = Field(40, ge=0)
