@@ -64,23 +64,31 @@ def windows(wave: torch.Tensor, size: int) -> torch.Tensor:
     return padded.unfold(0, size, hop)
 
 
+def loud_windows(wave: torch.Tensor, size: int) -> torch.Tensor:
+    """The (n, size) :func:`windows` of a (1, samples) wave that are not silent; n is 0 for a silent file."""
+    chunks = windows(wave, size)
+    return chunks[chunks.abs().amax(dim=1) > 10 ** (SILENCE_DBFS / 20)]
+
+
+def combine(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
+    """One file's class probabilities from its windows' logits: the mean softmax, or the max sigmoid."""
+    if multilabel:
+        return torch.sigmoid(logits).amax(dim=0)
+    return torch.softmax(logits, dim=1).mean(dim=0)
+
+
 def classify_file(model: Classifier, path: str | Path, top_k: int = 3) -> Prediction:
     """Top classes of one file; raises AudioLoadError (naming the file) when it cannot be read."""
     wave = load_audio(path, sample_rate=model.sample_rate, mono=True)
     seconds = wave.shape[-1] / model.sample_rate
-    chunks = windows(wave, round(model.spec["clip_seconds"] * model.sample_rate))
-    loud = chunks.abs().amax(dim=1) > 10 ** (SILENCE_DBFS / 20)
-    if not loud.any():
+    chunks = loud_windows(wave, round(model.spec["clip_seconds"] * model.sample_rate))
+    if not len(chunks):
         return Prediction(str(path), "silent", seconds, 0)
     with torch.inference_mode():
-        logits = model(chunks[loud])
-    if model.spec["multilabel"]:
-        probs = torch.sigmoid(logits).amax(dim=0)
-    else:
-        probs = torch.softmax(logits, dim=1).mean(dim=0)
+        probs = combine(model(chunks), model.spec["multilabel"])
     top = probs.topk(min(top_k, len(model.classes)))
     ranked = [(model.classes[i], float(p)) for p, i in zip(top.values, top.indices)]
-    return Prediction(str(path), "ok", seconds, int(loud.sum()), ranked)
+    return Prediction(str(path), "ok", seconds, len(chunks), ranked)
 
 
 def load_model(model: str, profile: str | None = None) -> Classifier:

@@ -44,7 +44,7 @@ from IPython.display import display
 
 from audiokd_lib import plots
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.data import real, tables
+from audiokd_lib.data import real, real_eval, tables
 from audiokd_lib.data.pieces import read_pieces
 from audiokd_lib.experiment.params import load_params
 
@@ -189,3 +189,28 @@ if clips is not None:
 else:
     print("NOTE: no single-label table (clips.csv): notebooks 02-07 need data.dataset rendered_notes, tinysol, irmas or esc50")
 print("clip tables saved:", tables.data_dir(params))
+
+# %% [markdown]
+# ## Real recordings: the `real` column of every table
+#
+# Everything so far is rendered. To see how far that carries to microphones and rooms, every
+# single-label model is also scored on a handful of **real recordings** of TinySOL instruments:
+# single notes (TinySOL, sms-tools), one-second excerpts of orchestral parts recorded one instrument
+# at a time (PHENICX-Anechoic), and a few solo phrases (Medley-solos-DB, sms-tools, librosa's
+# trumpet). `audiokd_lib/data/real_eval.csv` lists each with its public URL at a fixed commit, its
+# SHA-256 and its licence; they are fetched once into the cache (or read from the folder named by
+# `data.real_eval.dir` or `$AUDIOKD_REAL_EVAL`), checked, and never trained on, tuned on or used to
+# pick a checkpoint: with 19 recordings, one more right answer moves accuracy by 5 points, so they
+# are a report, not a benchmark. A recording that cannot be had is listed with the reason, and the
+# tables say so.
+
+# %%
+recordings = real_eval.prepare(params) if params.data.real_eval.enabled else None
+if recordings is not None:
+    print(real_eval.summary(recordings))
+    display(recordings[["file", "label", "openmic_class", "seconds", "licence", "status"]])
+    found = recordings[recordings["status"] == "ok"]
+    if len(found):
+        first = found.iloc[0]
+        print("listen:", first["file"], "-", first["label"])
+        display(plots.player(load_audio(first["path"], params.data.sample_rate), params.data.sample_rate))

@@ -279,3 +279,28 @@ def test_waveform_augment_keeps_loud_input_within_range() -> None:
     aug = augment.WaveformAugment(params, SR, seed=0)
     out = aug(tone() * 1.8)
     assert float(out.abs().max()) == pytest.approx(1.0) and "scaled" in aug.describe()
+
+
+def test_mel_equalizer_colours_within_its_limits_and_p_zero_is_identity() -> None:
+    logmel = torch.randn(8, 1, 64, 50)
+    eq = augment.mel_equalizer(logmel, max_db=9.0, bumps=3, rng=np.random.default_rng(0))
+    shift_db = (eq - logmel) * 10 / math.log(10)
+    assert torch.allclose(shift_db, shift_db[..., :1].expand_as(shift_db), atol=1e-4)  # one curve per clip, all frames
+    assert shift_db.abs().max() <= 9.0 + 1e-4 and shift_db.abs().amax(dim=(1, 2, 3)).min() > 0.5
+    assert not torch.allclose(shift_db[0], shift_db[1])  # each clip its own equaliser
+    assert torch.equal(augment.mel_equalizer(logmel, 9.0, 3, np.random.default_rng(0), p=0.0), logmel)
+
+
+def test_mel_reverb_adds_a_tail_after_the_sound_only_and_keeps_its_power() -> None:
+    frames, frame_seconds = 200, 0.01
+    power = torch.full((2, 1, 4, frames), 1e-8)
+    power[..., 20] = 1.0  # a click at frame 20
+    logmel = power.log()
+    short = augment.mel_reverb(logmel, frame_seconds, 0.2, 0.2, np.random.default_rng(0)).exp()
+    long = augment.mel_reverb(logmel, frame_seconds, 0.8, 0.8, np.random.default_rng(0)).exp()
+    for wet in (short, long):
+        assert torch.allclose(wet[..., :20], power[..., :20], rtol=1e-3)  # nothing before the click
+        assert torch.allclose(wet.sum(-1), power.sum(-1), rtol=1e-4)     # power kept
+    tail = 20 + 30  # 0.3 s after the click: 0.2 s rooms have decayed by ~90 dB, 0.8 s ones by ~20 dB
+    assert (long[..., tail] > 100 * short[..., tail]).all() and (long[..., tail] > 1e-5).all()
+    assert torch.equal(augment.mel_reverb(logmel, frame_seconds, 0.2, 0.8, np.random.default_rng(0), p=0.0), logmel)

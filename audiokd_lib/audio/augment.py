@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import torchaudio.functional as AF
 from audiomentations import AddGaussianSNR, Compose, Gain
 from scipy.fft import next_fast_len  # scipy comes with audiomentations
@@ -275,6 +276,53 @@ def synthetic_rir(
     ir[0] = 1.0  # the direct path
     ir /= np.sqrt(np.sum(ir**2))
     return torch.from_numpy(ir.astype(np.float32)).unsqueeze(0)
+
+
+def mel_equalizer(logmel: torch.Tensor, max_db: float, bumps: int, rng: np.random.Generator,
+                  p: float = 1.0) -> torch.Tensor:
+    """A random equaliser on log-mel power (batch, 1, bins, frames): what another microphone or room colours.
+
+    Each chosen example gets a spectral tilt and `bumps` bell-shaped boosts or cuts over the mel bins,
+    every gain within +-max_db dB; a filter is a product in power, so a sum in the log domain. `p`:
+    share of the batch that is equalised.
+    """
+    batch, _, bins, _ = logmel.shape
+    position = np.linspace(0.0, 1.0, bins)
+    curves = np.zeros((batch, bins))
+    for i in np.flatnonzero(rng.random(batch) < p):
+        curve = rng.uniform(-max_db, max_db) * (position - 0.5)  # tilt: +-max_db/2 at the ends
+        for _ in range(bumps):
+            centre, width = rng.uniform(0.0, 1.0), rng.uniform(0.03, 0.2)
+            curve += rng.uniform(-max_db, max_db) * np.exp(-0.5 * ((position - centre) / width) ** 2)
+        curves[i] = np.clip(curve, -max_db, max_db)
+    shift = torch.from_numpy(curves * math.log(10) / 10).to(logmel).view(batch, 1, bins, 1)
+    return logmel + shift
+
+
+def mel_reverb(logmel: torch.Tensor, frame_seconds: float, min_rt60: float, max_rt60: float,
+               rng: np.random.Generator, p: float = 1.0) -> torch.Tensor:
+    """Reverberation on log-mel power (batch, 1, bins, frames), without going back to the waveform.
+
+    Power spectrograms of a reverberant room are, to a good approximation, the dry power convolved
+    along time with the room's energy decay, exp(-13.8 t / RT60) (60 dB of power in RT60 seconds).
+    The direct-to-reverberant ratio is drawn as for :func:`synthetic_rir`. The tail that would ring
+    past the end of the clip is cut, and each example keeps its total power.
+    """
+    batch, _, bins, frames = logmel.shape
+    chosen = np.flatnonzero(rng.random(batch) < p)
+    if not len(chosen):
+        return logmel
+    power = logmel.exp()
+    out = power.clone()
+    for i in chosen:
+        rt60 = rng.uniform(min_rt60, max_rt60)
+        taps = max(2, min(frames, int(round(1.5 * rt60 / frame_seconds))))
+        decay = torch.exp(-13.8 * torch.arange(1, taps, dtype=power.dtype) * frame_seconds / rt60)
+        decay = decay * 10 ** (-rng.uniform(*_DRR_DB) / 10) / decay.sum()  # reverberant energy against direct 1
+        kernel = torch.cat([torch.ones(1, dtype=power.dtype), decay]).flip(0).view(1, 1, -1)
+        wet = F.conv1d(F.pad(power[i].reshape(bins, 1, frames), (taps - 1, 0)), kernel).view(1, bins, frames)
+        out[i] = wet * (power[i].sum() / wet.sum().clamp_min(1e-12))
+    return out.clamp_min(1e-12).log()
 
 
 def add_reverb(

@@ -78,16 +78,18 @@ def _predictions(scores: np.ndarray, multilabel: bool) -> np.ndarray:
 
 
 def classification_metrics(
-    y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool
+    y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool, present_only: bool = False
 ) -> dict[str, float]:
     """Headline numbers of one model on one split.
 
     Single-label: `y_true` holds class indices (N,), `scores` logits or probabilities (N, C); returns
     accuracy, macro_f1 and, with more than three classes, top3_accuracy. Multi-label: `y_true` is a
-    0/1 matrix (N, C), `scores` logits; returns mAP and micro_f1.
+    0/1 matrix (N, C), `scores` logits; returns mAP and micro_f1. `present_only`: the macro-F1
+    averages over the classes that occur in `y_true` (a split that holds only some classes, as the
+    real recordings do), not over all of them.
     """
     y_true, scores = _check(y_true, scores, classes, multilabel)
-    labels = list(range(len(classes)))
+    labels = sorted(set(y_true.tolist())) if present_only and not multilabel else list(range(len(classes)))
     if multilabel:
         # Average precision is undefined for a class with no positive clip in this split (sklearn warns
         # and scores it 0), so mAP averages only over the classes that occur; NaN when none does.
@@ -105,8 +107,23 @@ def classification_metrics(
         "macro_f1": float(f1_score(y_true, predicted, average="macro", labels=labels, zero_division=0)),
     }
     if len(classes) > 3:
-        result["top3_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=3, labels=labels))
+        result["top3_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=3, labels=list(range(len(classes)))))
     return result
+
+
+def solo_detection(plays: list[str], heard: list[list[str]]) -> dict[str, float]:
+    """Precision and recall of a detector's positives on solo recordings, each with one instrument.
+
+    `plays[i]` is recording i's instrument and `heard[i]` the classes the detector named on it.
+    Precision: named classes that are right, over all named (NaN when it named nothing); recall:
+    recordings whose instrument was named, over all recordings. Also the mean number named per recording.
+    """
+    if len(plays) != len(heard):
+        raise ValueError(f"{len(plays)} recordings but {len(heard)} sets of answers")
+    named = sum(len(answer) for answer in heard)
+    right = sum(truth in answer for truth, answer in zip(plays, heard))
+    return {"precision": right / named if named else float("nan"), "recall": right / len(plays) if plays else float("nan"),
+            "named_per_recording": named / len(plays) if plays else float("nan")}
 
 
 def masked_multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, known: np.ndarray,

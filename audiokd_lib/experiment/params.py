@@ -75,6 +75,14 @@ class DownloadParams(_Section):
     esc50: SubsetParams = SubsetParams(files_per_class=10)
 
 
+class RealEvalParams(_Section):
+    """The real recordings of the `real` column (audiokd_lib/data/real_eval.csv): reported on, never trained on."""
+
+    enabled: bool = True
+    dir: str | None = None   # a folder with audio/<file> for each recording, searched before $AUDIOKD_REAL_EVAL
+    download: bool = True    # fetch what is missing from the listed public URLs into the cache
+
+
 class DataParams(_Section):
     # The clips notebooks 02-07 learn from: the rendered notes, or a real dataset downloaded by notebook 01.
     dataset: Literal["rendered_notes", "tinysol", "irmas", "openmic", "esc50"] = "rendered_notes"
@@ -92,6 +100,7 @@ class DataParams(_Section):
     notes: NotesParams = NotesParams()
     pieces: PiecesParams = PiecesParams()
     downloads: DownloadParams = DownloadParams()
+    real_eval: RealEvalParams = RealEvalParams()
 
     @model_validator(mode="after")
     def _check_transfer(self) -> DataParams:
@@ -169,6 +178,14 @@ class RirParams(_Section):
         return self
 
 
+class EqParams(_Section):
+    """A random equaliser on the log-mels: a tilt and a few bell curves, as another microphone or room colours."""
+
+    max_db: float = Field(9.0, ge=0.0, description="largest boost or cut, dB")
+    bumps: int = Field(3, ge=0, description="bell curves per example, besides the tilt")
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
 class CodecParams(_Section):
     formats: list[Literal["mp3", "opus"]] = Field(["mp3", "opus"], min_length=1)
     min_kbps: int = Field(32, ge=6, description="MP3 cannot go below 32 kb/s at 32 kHz and above")
@@ -185,7 +202,8 @@ class AugmentParams(_Section):
     specaugment: SpecAugmentParams = SpecAugmentParams()
     mixup: MixupParams = MixupParams()
     gain_noise: GainNoiseParams = GainNoiseParams()
-    rir: RirParams = RirParams()
+    rir: RirParams = RirParams()         # notebook 02's waveform reverb, and training's `reverb` on log-mels
+    eq: EqParams = EqParams()            # training's `eq` on log-mels
     codec: CodecParams = CodecParams()
 
 
@@ -201,7 +219,9 @@ class TrainParams(_Section):
     crop_seconds: float | None = Field(1.0, gt=0.0, description="random crop per example; None: whole clips")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     seeds: list[int] = Field([0], min_length=1, description="one run per seed; spread is reported")
-    augment: list[Literal["gain", "noise", "specaugment", "mixup"]] = ["gain", "noise", "specaugment", "mixup"]
+    # eq and reverb: a random equaliser and room (augment.eq, augment.rir) applied to the log-mels
+    augment: list[Literal["gain", "noise", "specaugment", "mixup", "eq", "reverb"]] = [
+        "gain", "noise", "specaugment", "mixup"]
     # After training, BatchNorm statistics measured again on this many batches of whole, clean training
     # clips: the running averages collected during training describe augmented crops, not what the model
     # is tested on. 0: keep the training-time statistics.

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from audiokd_lib.data import real_eval
 from audiokd_lib.experiment import tracking
 from audiokd_lib.experiment.params import Params
 from audiokd_lib.experiment.runs import TABLE_COLUMNS, best_run
@@ -91,7 +92,7 @@ def final_table(params: Params) -> pd.DataFrame:
 
 
 COMPACT = ["role", "variant", "seeds", "test acc", "test macro-F1", "heldout macro-F1", "test mAP", "heldout mAP",
-           "±", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
+           "±", "real acc", "real macro-F1", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
            "MACs / baseline", "latency ms/clip @32 / baseline"]
 
 
@@ -107,9 +108,23 @@ def save_results(params: Params, table: pd.DataFrame) -> tuple:
     compact = table[[c for c in COMPACT if c in table]]
     with atomic_path(md) as tmp:
         tmp.write_text(f"Profile `{params.profile}`, teacher: {teachers}. Every figure is read from the MLflow store "
-                       f"`outputs/{params.profile}/mlflow.db`; all columns in `results.csv`.\n\n"
-                       + compact.to_markdown(index=False, floatfmt=".3g") + "\n")
+                       f"`outputs/{params.profile}/mlflow.db`; all columns in `results.csv`. {real_note(params, table)}"
+                       "\n\n" + compact.to_markdown(index=False, floatfmt=".3g") + "\n")
     return csv, md
+
+
+def real_note(params: Params, table: pd.DataFrame) -> str:
+    """What the `real` columns are, or why the table has none."""
+    found = real_eval.load_table(params)
+    if found is None:
+        why = ("data.real_eval.enabled is false" if not params.data.real_eval.enabled
+               else "none of the recordings could be had (see notebook 01)")
+        return f"No `real` columns: {why}."
+    if "real acc" not in table:
+        return "No `real` columns: these models' classes are not the TinySOL instruments the recordings are labelled with."
+    return (f"`real`: {len(found)} real recordings of {found['label'].nunique()} instruments (top-1 accuracy, and "
+            "macro-F1 over the instruments present), windows combined as `audiokd classify` does; "
+            "reported only, never trained or tuned on.")
 
 
 def pareto_figure(params: Params, table: pd.DataFrame) -> Path:
@@ -251,6 +266,13 @@ def headline(params: Params, table: pd.DataFrame) -> str:
                  f"{met(final['MACs'] * 20 <= teacher['MACs'])}) and {final['params']:,.0f} parameters against "
                  f"{teacher['params']:,.0f}. CPU latency on {params.threads} thread(s), "
                  + "; ".join(f"{text} ({met(ok)})" for text, ok in faster) + ".")
+    if "real acc" in table and pd.notna(teacher.get("real acc")) and pd.notna(final.get("real acc")):
+        lines.append(f"- On real recordings (top-1 of {len(real_eval.load_table(params))}): the teacher "
+                     f"{teacher['real acc']:.2f} (target at least 0.60: {met(teacher['real acc'] >= 0.6)}), the "
+                     f"labels-only baseline {base['real acc']:.2f}"
+                     + (f", the best distilled student {best['real acc']:.2f}" if best is not None else "")
+                     + f", the final student {final['real acc']:.2f} (target at least 0.45: "
+                     f"{met(final['real acc'] >= 0.45)}).")
     text = "\n".join(lines)
     with atomic_path(params.output_dir / "headline.md") as tmp:
         tmp.write_text(f"Profile `{params.profile}`, from `outputs/{params.profile}/results.csv`:\n\n{text}\n")

@@ -36,16 +36,18 @@ from tqdm.auto import tqdm
 from audiokd_lib import plots
 from audiokd_lib.compress import prune
 from audiokd_lib.compress.export import head_module
+from audiokd_lib.data import real_eval
 from audiokd_lib.data.tables import fingerprint
 from audiokd_lib.experiment import metrics, tracking
 from audiokd_lib.experiment.params import KDParams, Params, TrainParams
-from audiokd_lib.experiment.training import FeatureSet, FitResult, cached_features, fit, predict
+from audiokd_lib.experiment.training import (FeatureSet, FitResult, cached_features, cached_windows, fit,
+                                             predict_files)
 from audiokd_lib.files import atomic_path, write_json
 from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
 from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.separation import crnn
 
-EVAL_SPLITS = ("test", "heldout")  # in-domain, and the soundfont no model ever trained on
+EVAL_SPLITS = ("test", "heldout", "real")  # in-domain, the soundfont no model trained on, real recordings
 
 
 def feature_key(params: Params, model: Classifier) -> str:
@@ -57,18 +59,29 @@ def feature_key(params: Params, model: Classifier) -> str:
 
 
 def feature_sets(params: Params, table: pd.DataFrame, model: Classifier,
-                 splits=("train", "val", "test", "heldout", "transfer"),
+                 splits=("train", "val", "test", "heldout", "transfer", "real"),
                  progress: bool = True) -> dict[str, FeatureSet]:
-    """Cached features of every split the table has, through `model`'s front end."""
-    present = [s for s in splits if (table["split"] == s).any()]
-    return {s: cached_features(params, table, s, model, feature_key(params, model), model.classes, progress)
+    """Cached features of every split the table has, through `model`'s front end.
+
+    `real`: the real recordings notebook 01 found (:mod:`~audiokd_lib.data.real_eval`), cut into
+    windows, when the model's classes include all their labels (the TinySOL instruments).
+    """
+    present = [s for s in splits if s != "real" and (table["split"] == s).any()]
+    sets = {s: cached_features(params, table, s, model, feature_key(params, model), model.classes, progress)
             for s in present}
+    real = real_eval.load_table(params) if "real" in splits else None
+    if real is not None and set(real["label"]) <= set(model.classes):
+        sets["real"] = cached_windows(params, real, model, feature_key(params, model), model.classes, progress)
+    return sets
 
 
 def sets_fingerprint(sets: dict[str, FeatureSet]) -> str:
-    """Short hash of every split's clips and targets: the data a run learned from and was tested on."""
+    """Short hash of the splits' clips and targets: the data a run learned from and was tested on.
+
+    The real recordings are left out: they are only reported on, so finding them (or not) changes no run.
+    """
     digest = hashlib.sha256()
-    for split in sorted(sets):
+    for split in sorted(set(sets) - {"real"}):
         digest.update(split.encode() + "\n".join(sets[split].paths).encode() + sets[split].targets.numpy().tobytes())
     return digest.hexdigest()[:12]
 
@@ -93,8 +106,9 @@ def scores(model: Classifier, sets: dict[str, FeatureSet], splits: tuple[str, ..
     for split in splits:
         if split in sets:
             data = sets[split]
-            found = metrics.classification_metrics(data.targets.numpy(), predict(model, data).numpy(), data.classes,
-                                                   data.multilabel)
+            y, logits = predict_files(model, data)
+            found = metrics.classification_metrics(y, logits, data.classes, data.multilabel,
+                                                   present_only=data.groups is not None)
             results.update({f"{split}_{key}": value for key, value in found.items()})
     return results
 
@@ -108,9 +122,9 @@ def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], nam
         if split not in sets:
             continue
         data = sets[split]
-        logits = predict(model, data).numpy()
-        y = data.targets.numpy()
-        for key, value in metrics.classification_metrics(y, logits, data.classes, data.multilabel).items():
+        y, logits = predict_files(model, data)  # the real recordings: one row per recording, windows combined
+        for key, value in metrics.classification_metrics(y, logits, data.classes, data.multilabel,
+                                                         present_only=data.groups is not None).items():
             results[f"{split}_{key}"] = value
         report = metrics.per_class_report(y, logits, data.classes, data.multilabel)
         with atomic_path(out / f"per_class_{split}.csv") as tmp:
@@ -300,6 +314,9 @@ def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Tra
     row = _reuse_or_prepare(params, job.role, job.name, key)
     if row is not None:
         job.model = load_checkpoint(checkpoint_path(params, job.name))
+        if "real" in sets and pd.isna(row.get("real_accuracy")):  # the real recordings came after the run
+            tracking.add_metrics(params, row["run_id"], scores(job.model, sets, splits=("real",)))
+            row = _finish(params, job.role, job.name, row["run_id"])
     return row
 
 
@@ -411,7 +428,8 @@ TABLE_COLUMNS = {
     "test_accuracy": "test acc", "test_macro_f1": "test macro-F1",
     "heldout_accuracy": "heldout acc", "heldout_macro_f1": "heldout macro-F1",
     "test_mAP": "test mAP", "test_micro_f1": "test micro-F1", "heldout_mAP": "heldout mAP",
-    "heldout_micro_f1": "heldout micro-F1",
+    "heldout_micro_f1": "heldout micro-F1", "real_accuracy": "real acc", "real_macro_f1": "real macro-F1",
+    "real_precision": "real precision", "real_recall": "real recall",
     "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
     "latency_batch_ms": "latency ms/clip @32",
 }

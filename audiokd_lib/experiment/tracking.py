@@ -9,6 +9,7 @@ carries a ``role`` tag (``teacher``, ``student-baseline``, ...; see :data:`ROLE_
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from urllib.request import url2pathname
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
 from audiokd_lib.experiment.params import Params
 
@@ -119,6 +122,13 @@ def log_epoch(metrics: dict[str, float], epoch: int) -> None:
 def log_final(metrics: dict[str, float], prefix: str = "") -> None:
     """Record final scores, each key prefixed (e.g. "test_", "heldout_") to say on which split."""
     mlflow.log_metrics({f"{prefix}{key}": value for key, value in metrics.items()})
+
+
+def add_metrics(params: Params, run_id: str, metrics: dict[str, float]) -> None:
+    """Record final scores on a run that already finished (a split measured after it was trained)."""
+    setup(params)
+    MlflowClient(tracking_uri(params)).log_batch(
+        run_id, metrics=[Metric(key, float(value), int(time.time() * 1000), 0) for key, value in metrics.items()])
 
 
 def log_artifacts(paths: list[str | Path], folder: str | None = None) -> None:

@@ -61,6 +61,9 @@ class FeatureSet:
     skipped: list[str] = field(default_factory=list)
     cache_file: str | None = None   # where `features` came from, so a copy sent to a worker needs no payload
     soft_targets: bool = False      # (clips, classes) rows are one label's probabilities, not multi-hot
+    # Windows of longer recordings (the real split): rows are windows and `groups` the recording of each, so
+    # a recording is judged as `audiokd classify` judges a file (see :func:`predict_files`). None: rows are clips.
+    groups: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
         # Sent to a training worker (runs.train_many): the features travel as their cache file's path.
@@ -135,6 +138,67 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
 
 
 
+def cached_windows(params: Params, table: pd.DataFrame, model: Classifier, key: str, classes: list[str],
+                   progress: bool = True) -> FeatureSet:
+    """Features of every non-silent window of each recording in `table` (path, label), cached like clips.
+
+    Recordings of any length are cut as `audiokd classify` cuts a file (windows of clip_seconds, half
+    overlapping; silent ones dropped); `groups` says which recording each window belongs to.
+    """
+    from audiokd_lib.audio.loading import AudioLoadError, load_audio
+    from audiokd_lib.classify import loud_windows
+    from audiokd_lib.data.tables import fingerprint
+
+    path = params.output_dir / "features" / "cache" / f"windows-{key}-{fingerprint(table)}.pt"
+    skipped = SkippedFiles()
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        skipped.extend(saved["skipped"])
+    else:
+        feats, kept, groups = [], [], []
+        size = round(model.spec["clip_seconds"] * model.sample_rate)
+        with torch.inference_mode():
+            for clip_path in tqdm(list(table["path"]), desc="features real", disable=not progress):
+                try:
+                    chunks = loud_windows(load_audio(clip_path, model.sample_rate, mono=True), size)
+                except AudioLoadError as err:
+                    skipped.add(err)
+                    continue
+                if len(chunks):
+                    feats.append(model.features(chunks).half())
+                    groups += [len(kept)] * len(chunks)
+                    kept.append(clip_path)
+        if not feats:
+            raise ValueError(f"no readable, non-silent recordings among the {len(table)} listed")
+        saved = {"features": torch.cat(feats), "paths": kept, "groups": torch.tensor(groups), "skipped": skipped.errors}
+        with atomic_path(path) as tmp:
+            torch.save(saved, tmp)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = table.set_index("path").loc[saved["paths"], "label"]
+    groups = saved["groups"]
+    targets = torch.tensor([index[label] for label in labels])[groups]
+    return FeatureSet(saved["features"].float(), targets, [saved["paths"][g] for g in groups.tolist()], classes,
+                      fingerprint(table), skipped.errors, cache_file=str(path), groups=groups)
+
+
+def predict_files(model: Classifier, data: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+    """(targets, scores) with one row per recording: windows combined as `audiokd classify` combines them.
+
+    Scores are the log of the windows' mean softmax (single-label), or the logit of their max sigmoid
+    (multi-label), so they rank and threshold like logits. A set without `groups` is returned clip by clip, as logits.
+    """
+    from audiokd_lib.classify import combine
+
+    logits = predict(model, data)
+    if data.groups is None:
+        return data.targets.numpy(), logits.numpy()
+    files = data.groups.unique()
+    probs = torch.stack([combine(logits[data.groups == g], data.multilabel) for g in files])
+    first = torch.stack([(data.groups == g).nonzero()[0, 0] for g in files])
+    scores = torch.logit(probs, eps=1e-6) if data.multilabel else probs.clamp_min(1e-12).log()
+    return data.targets[first].numpy(), scores.numpy()
+
+
 def with_transfer_set(train: FeatureSet, transfer: FeatureSet, train_logits: torch.Tensor,
                       transfer_logits: torch.Tensor) -> tuple[FeatureSet, torch.Tensor]:
     """The labelled training clips plus the transfer clips, and the teacher's logits for all of them.
@@ -173,6 +237,7 @@ class FeatureAugment:
         self.rng = np.random.default_rng(seed)
         self.torch_gen = torch.Generator().manual_seed(seed)
         self.log_power = model.spec["kind"] != "ast"  # AST's features are already normalised
+        self.frame_seconds = params.features.hop_length / params.features.sample_rate
         if self.log_power and "noise" in self.kinds:
             noise = torch.randn(1, round(model.sample_rate * 2), generator=torch.Generator().manual_seed(0))
             with torch.inference_mode():
@@ -189,8 +254,14 @@ class FeatureAugment:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, extra: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Augment (x, y); `extra` (cached teacher probabilities) is mixed exactly like y."""
+        if self.log_power and "reverb" in self.kinds:  # the room first, on the whole clip: its tail crosses the crop
+            r = self.aug.rir
+            x = augment.mel_reverb(x, self.frame_seconds, r.min_rt60, r.max_rt60, self.rng, p=r.p)
         x = self.crop(x)
         batch = x.shape[0]
+        if self.log_power and "eq" in self.kinds:
+            e = self.aug.eq
+            x = augment.mel_equalizer(x, e.max_db, e.bumps, self.rng, p=e.p)
         g = self.aug.gain_noise
         if self.log_power and "gain" in self.kinds:
             on = torch.from_numpy(self.rng.random(batch) < g.gain_p)
