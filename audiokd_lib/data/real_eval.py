@@ -114,8 +114,9 @@ def load_table(params: Params) -> pd.DataFrame | None:
 def summary(table: pd.DataFrame) -> str:
     """What was found, per source licence, and why anything is missing."""
     ok = table["status"] == "ok"
-    lines = [f"{ok.sum()} of {len(table)} real recordings available, {table.loc[ok, 'label'].nunique()} "
-             f"instruments, {table.loc[ok, 'seconds'].sum():.0f} s in all"]
+    found = (f"{ok.sum()} of {len(table)} real recordings available, {table.loc[ok, 'label'].nunique()} "
+             f"instruments, {table.loc[ok, 'seconds'].sum():.0f} s in all")
+    lines = [found]
     for licence, rows in table[ok].groupby("licence"):
         lines.append(f"  {len(rows):2d}  {licence}")
     for status, rows in table[~ok].groupby("status", sort=False):

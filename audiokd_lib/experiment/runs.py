@@ -40,8 +40,7 @@ from audiokd_lib.data import real_eval
 from audiokd_lib.data.tables import fingerprint
 from audiokd_lib.experiment import metrics, tracking
 from audiokd_lib.experiment.params import KDParams, Params, TrainParams
-from audiokd_lib.experiment.training import (FeatureSet, FitResult, cached_features, cached_windows, fit,
-                                             predict_files)
+from audiokd_lib.experiment.training import FeatureSet, FitResult, cached_features, cached_windows, fit, predict_files
 from audiokd_lib.files import atomic_path, write_json
 from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
 from audiokd_lib.models.classifier import Classifier
