@@ -168,8 +168,11 @@ if piece_reports:
 
 # %%
 clips, pieces = tables.build_clip_tables(params, plan, real_data)
-if clips is not None:
+if clips is not None and "label" in clips:
     print(pd.crosstab(clips["label"], clips["split"], margins=True))
+elif clips is not None:  # multi-label (OpenMIC): positives per class and split
+    positives = clips.assign(label=clips["labels"].str.split("|")).explode("label")
+    print(pd.crosstab(positives["label"], positives["split"], margins=True))
 print(pieces["split"].value_counts())
 
 # %%
@@ -183,11 +186,12 @@ if real_data is None:
     assert not set(transfer["soundfont"]) & {plan.heldout[0] if plan.heldout else None, *plan.train}
     trained = set(clips.loc[clips["split"] == "train", ["label", "pitch_id"]].itertuples(index=False, name=None))
     assert set(transfer[["label", "pitch_id"]].itertuples(index=False, name=None)) <= trained
-if clips is not None:
+if clips is not None and "label" in clips:
     assert clips["label"].nunique() == clips.loc[clips["split"] == "train", "label"].nunique(), "a class has no training clips"
+if clips is not None:
     assert all(Path(p).is_file() for p in clips["path"]), "a clip of the table is missing on disk"
 else:
-    print("NOTE: no single-label table (clips.csv): notebooks 02-07 need data.dataset rendered_notes, tinysol, irmas or esc50")
+    print("NOTE: no clip table (clips.csv) for notebooks 02-07")
 print("clip tables saved:", tables.data_dir(params))
 
 # %% [markdown]

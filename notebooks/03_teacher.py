@@ -37,7 +37,6 @@ params_file = "params/quick.yaml"
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import torch
 from IPython.display import Image, display
@@ -45,6 +44,7 @@ from IPython.display import Image, display
 from audiokd_lib import plots
 from audiokd_lib.audio.loading import load_clip
 from audiokd_lib.compress import soft_labels
+from audiokd_lib.compress.distill import soft_targets
 from audiokd_lib.data import tables
 from audiokd_lib.experiment import runs, training
 from audiokd_lib.experiment.params import load_params
@@ -54,7 +54,9 @@ params = load_params(params_file)
 torch.set_num_threads(params.threads)
 clips = tables.load_clip_table(params, "clips")
 classes = training.class_names(clips)
-print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; teacher kind: {params.teacher.kind}")
+multilabel = training.is_multilabel(clips)  # OpenMIC: several instruments a clip, a sigmoid per class
+print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes{' (multi-label)' * multilabel}; "
+      f"teacher kind: {params.teacher.kind}")
 
 # %% [markdown]
 # ## What the pretrained model hears, before we touch it
@@ -67,8 +69,12 @@ print(f"profile {params.profile}: {len(clips)} clips, {len(classes)} classes; te
 # %%
 if params.teacher.kind == "efficientat":
     audioset = teachers.pretrained_audioset(params)
-    test_mf = clips[(clips["split"] == "test") & (clips["dynamics"] == "mf")].sort_values("pitch_id")
-    examples = test_mf.groupby("label", group_keys=False)[test_mf.columns].apply(lambda g: g.iloc[[len(g) // 2]])
+    if "pitch_id" in clips:  # rendered notes: a mezzo-forte note from the middle of each instrument's range
+        test_mf = clips[(clips["split"] == "test") & (clips["dynamics"] == "mf")].sort_values("pitch_id")
+        examples = test_mf.groupby("label", group_keys=False)[test_mf.columns].apply(lambda g: g.iloc[[len(g) // 2]])
+    else:  # a real dataset: a few test clips
+        examples = clips[clips["split"] == "test"].head(len(classes)).assign(
+            label=lambda t: t["labels"] if multilabel else t["label"])
     rows = []
     with torch.inference_mode():
         for _, clip in examples.iterrows():
@@ -89,7 +95,7 @@ else:
 # two protect what pretraining learned; with enough, training everything adapts best.
 
 # %%
-teacher = teachers.build_teacher(params, classes)
+teacher = teachers.build_teacher(params, classes, multilabel=multilabel)
 trainable = sum(p.numel() for p in teacher.parameters() if p.requires_grad)
 total = sum(p.numel() for p in teacher.parameters())
 identity = teachers.teacher_identity(teacher)
@@ -143,7 +149,8 @@ ensemble_of = len(seeds) > 1
 names = [f"teacher-seed{seed}" for seed in seeds] if ensemble_of else ["teacher"]
 tags = ({"teacher": identity, "variant": "member", "member_of": "teacher"} if ensemble_of
         else {"teacher": identity, "variant": "teacher"})
-jobs = [runs.RunJob("teacher", name, teachers.build_teacher(params, classes, progress=False, seed=seed), seed, tags)
+jobs = [runs.RunJob("teacher", name, teachers.build_teacher(params, classes, multilabel, progress=False, seed=seed),
+                    seed, tags)
         for name, seed in zip(names, seeds)]
 member_runs = runs.train_many(params, jobs, sets, tp=params.teacher.train, params_file=params_file)
 display(Image(filename=str(params.output_dir / "figures" / f"{names[0]}_loss.png")))
@@ -200,13 +207,15 @@ soft_labels.cache_teacher_logits(params, teacher, checkpoint, sets)
 logits, cached_identity = soft_labels.load_teacher_logits(params, sets)
 assert cached_identity == identity
 
-index = int(np.argmax(sets["val"].targets.numpy() == sets["val"].targets.numpy()[0]))
+index = 0  # the first validation clip
 fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
 for ax, t in zip(axes, (1.0, params.kd.temperature)):
-    probs = torch.softmax(logits["val"][index] / t, dim=0).numpy()
+    probs = soft_targets(logits["val"][index:index + 1], t, multilabel)[0].numpy()  # softmax, or a sigmoid per class
     ax.bar(range(len(classes)), probs)
     ax.set(title=f"T = {t:g}", xticks=range(len(classes)), ylabel="probability")
     ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=8)
-fig.suptitle(f"teacher's view of one {classes[int(sets['val'].targets[index])]} note")
+target = sets["val"].targets[index]
+playing = [c for c, y in zip(classes, target.tolist()) if y == 1] if multilabel else [classes[int(target)]]
+fig.suptitle(f"teacher's view of one clip of {' + '.join(playing) or 'no known instrument'}")
 plots.save_fig(fig, params, "03_soft_labels")
 plt.show()

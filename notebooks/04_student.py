@@ -41,6 +41,7 @@ params = load_params(params_file)
 torch.set_num_threads(params.threads)
 clips = tables.load_clip_table(params, "clips")
 classes = training.class_names(clips)
+multilabel = training.is_multilabel(clips)  # OpenMIC: a sigmoid per class, BCE that skips unknown answers
 stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
                        tables.fingerprint(clips))
 print(f"profile {params.profile}: {len(classes)} classes; seeds {params.train.seeds}; "
@@ -57,7 +58,7 @@ print(f"profile {params.profile}: {len(classes)} classes; seeds {params.train.se
 # per-mel-bin statistics notebook 02 measured on the training split.
 
 # %%
-student = students.build_student(params, classes, stats)
+student = students.build_student(params, classes, stats, multilabel=multilabel)
 print(f"{params.student.arch}, width {params.student.width_mult}: "
       f"{sum(p.numel() for p in student.parameters()):,} parameters")
 print(student.net.features[0])
@@ -100,7 +101,8 @@ def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tens
 sets = runs.feature_sets(params, clips, student)
 batch = torch.randperm(len(sets["train"]), generator=torch.Generator().manual_seed(0))[:params.train.batch_size]
 x, y = sets["train"].features[batch], sets["train"].targets[batch]
-trial = students.build_student(params, classes, stats, seed=params.train.seeds[0]).train()
+trial = students.build_student(params, classes, stats, multilabel=multilabel, seed=params.train.seeds[0])
+trial.train()
 optimizer = torch.optim.AdamW(trial.parameters(), lr=params.train.lr, weight_decay=params.train.weight_decay)
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 scaler = torch.amp.GradScaler("cuda", enabled=False)  # on the CPU: full precision
@@ -147,7 +149,8 @@ for step in range(5):
 
 # %%
 jobs = [runs.RunJob("student-baseline", f"student-baseline-seed{seed}",
-                    students.build_student(params, classes, stats, seed=seed), seed, tags={"variant": "baseline"})
+                    students.build_student(params, classes, stats, multilabel=multilabel, seed=seed), seed,
+                    tags={"variant": "baseline"})
         for seed in params.train.seeds]
 baseline_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=params_file)
 

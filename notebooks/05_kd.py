@@ -59,9 +59,10 @@ params = load_params(params_file)
 torch.set_num_threads(params.threads)
 clips = tables.load_clip_table(params, "clips")
 classes = training.class_names(clips)
+multilabel = training.is_multilabel(clips)  # OpenMIC: a sigmoid per class, BCE that skips unknown answers
 stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
                        tables.fingerprint(clips))
-student = students.build_student(params, classes, stats)
+student = students.build_student(params, classes, stats, multilabel=multilabel)
 sets = runs.feature_sets(params, clips, student)
 teacher = checkpoints.load_checkpoint(runs.checkpoint_path(params, "teacher"))
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
@@ -139,14 +140,15 @@ def logits_at(probs: torch.Tensor, temperature: float, multilabel: bool) -> torc
 
 # %%
 T = params.kd.temperature
-probs = soft_targets(teacher_logits["train"][:4], T, multilabel=False)
-one_hot = F.one_hot(sets["train"].targets[:4], len(classes)).float()
-mixed_x, mixed_joint, lam = augment.mixup(sets["train"].features[:4].exp(), torch.cat([one_hot, probs], dim=1),
-                                          alpha=0.3, generator=np.random.default_rng(0), p=1.0)
+probs = soft_targets(teacher_logits["train"][:4], T, multilabel=multilabel)
+labels = sets["train"].targets[:4] if multilabel else F.one_hot(sets["train"].targets[:4], len(classes)).float()
+mixed_x, mixed_joint, lam = augment.mixup(sets["train"].features[:4].exp(), torch.cat([labels, probs], dim=1),
+                                          alpha=0.3, generator=np.random.default_rng(0), multilabel=multilabel, p=1.0)
 mixed_labels, mixed_probs = mixed_joint[:, :len(classes)], mixed_joint[:, len(classes):]
-assert torch.allclose(mixed_probs.sum(dim=1), torch.ones(4))  # still a distribution
-assert torch.allclose(soft_targets(logits_at(mixed_probs, T, False), T, False), mixed_probs, atol=1e-4)
-display(pd.DataFrame({"label weight of the top class": mixed_labels.max(dim=1).values.numpy().round(2),
+if not multilabel:  # multi-label rows (a sigmoid per class) are mixed as a union, not a distribution
+    assert torch.allclose(mixed_probs.sum(dim=1), torch.ones(4))  # still a distribution
+assert torch.allclose(soft_targets(logits_at(mixed_probs, T, multilabel), T, multilabel), mixed_probs, atol=1e-4)
+display(pd.DataFrame({"label weight of the top class": mixed_labels.nan_to_num(0).max(dim=1).values.numpy().round(2),
                       "teacher's top class after mixing": [classes[i] for i in mixed_probs.argmax(dim=1)]}))
 
 # %% [markdown]
@@ -218,14 +220,14 @@ for mode in params.kd.modes:
     if mode == "consistent":
         distill.check_shared_frontend(teacher, student)
     jobs += [runs.RunJob("student-kd", f"student-kd-{mode}-seed{seed}",
-                         students.build_student(params, classes, stats, seed=seed), seed,
+                         students.build_student(params, classes, stats, multilabel=multilabel, seed=seed), seed,
                          tags={"variant": f"kd-{mode}", "teacher": identity, "kd_mode": mode},
                          teacher=teacher if mode == "consistent" else None,
                          teacher_logits=teacher_logits["train"] if mode == "cached" else None, kd=kd)
              for seed in params.train.seeds]
 for variant, (kd_train, kd_logits) in transfer_sets.items():
     jobs += [runs.RunJob("student-kd", f"student-{variant.replace('+', '-')}-seed{seed}",
-                         students.build_student(params, classes, stats, seed=seed), seed,
+                         students.build_student(params, classes, stats, multilabel=multilabel, seed=seed), seed,
                          tags={"variant": variant, "teacher": identity, "kd_mode": "cached"},
                          teacher_logits=kd_logits, kd=kd, train=kd_train)
              for seed in params.train.seeds]

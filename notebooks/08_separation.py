@@ -48,9 +48,9 @@ from audiokd_lib import classify, plots
 from audiokd_lib.audio.features import compute_norm_stats
 from audiokd_lib.audio.loading import load_audio, resample
 from audiokd_lib.data import real_eval, tables, taxonomy
-from audiokd_lib.experiment import metrics, runs, tracking, training
+from audiokd_lib.experiment import metrics, report, runs, tracking, training
 from audiokd_lib.experiment.params import load_params
-from audiokd_lib.models import students, teachers
+from audiokd_lib.models import checkpoints, students, teachers
 from audiokd_lib.separation import crnn, quality, stem_selection
 from audiokd_lib.separation.crnn import MaskCRNN, level
 from audiokd_lib.separation.quality import SDR_CLAMP_DB
@@ -346,6 +346,22 @@ display(runs.results_table(params, ["detector"]))
 # room for. The detector is the weak link of the chain: bass and drums it hears well, the rarer
 # instruments of `other` seldom reach the threshold, and where an instrument is common in training
 # (voice) it tends to say so whatever it hears. Read the manifests below with that in mind.
+
+# %% [markdown]
+# ### With OpenMIC: the course's own final student is the detector
+#
+# With `data.dataset: openmic` notebooks 02-07 trained, distilled, pruned and re-distilled multi-label
+# students on OpenMIC-2018's real recordings. The final one (the structured-pruned, re-distilled
+# student of notebook 07) then chooses the stems instead of the detector above: the compressed model
+# of the course doing the job it was compressed for.
+
+# %%
+if params.data.dataset == "openmic":
+    final_name = f"{report.pruned_names(params)['structured']}-rekd"
+    detector = checkpoints.load_checkpoint(runs.checkpoint_path(params, final_name))
+    chosen_run = tracking.runs_frame(params, "student-rekd").set_index("model", drop=False).loc[final_name]
+    print(f"detector used below: {final_name}, the final multi-label student of notebook 07 "
+          f"(test mAP {chosen_run['test_mAP']:.3f}; classes {', '.join(detector.classes)})")
 
 # %% [markdown]
 # ## From instruments to stems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,9 +152,29 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
     result = fit(model, data, data, tp, params, 0, tmp_path / "run", teacher_logits=torch.randn(3, 3),
                  kd=KDParams(temperature=2.0, alpha=0.5), progress=False)
     assert result.metric == "mAP" and 0.0 <= result.best_score <= 1.0
-    unknown = table.assign(labels_unknown=["", "bass", ""])
-    with pytest.raises(ValueError, match="labels_unknown"):
-        training.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)
+    # OpenMIC's unanswered questions are NaN targets, which the loss and the metrics skip.
+    unknown = table.assign(labels_unknown=["piano", "bass", ""])
+    partial = training.cached_features(params, unknown, "train", model, "test-key", classes, progress=False)
+    assert partial.targets.isnan().tolist() == [[False, False, True], [True, False, False], [False] * 3]
+    assert training.class_names(unknown) == classes and training.is_multilabel(unknown)
+    result = fit(model, partial, partial, tp, params, 0, tmp_path / "run-unknown", progress=False)
+    assert np.isfinite(result.history["train_loss"]).all() and 0.0 <= result.best_score <= 1.0
+
+
+def test_unknown_answers_add_no_loss_and_stay_unknown_through_mixup():
+    from audiokd_lib.audio import augment
+    from audiokd_lib.experiment import losses
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    nan = float("nan")
+    targets = torch.tensor([[1.0, nan], [nan, 0.0]])
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 0.0]))
+    assert torch.isclose(losses.hard_loss(logits, targets, multilabel=True), expected)
+    # Union mixup: a sure positive on either side is a positive; otherwise an unknown side leaves it unknown.
+    y = torch.tensor([[1.0, nan, 0.0], [nan, 0.0, 0.0]])
+    _, mixed, lam = augment.mixup(torch.zeros(2, 1), y, 0.4, np.random.default_rng(1), multilabel=True)
+    assert (lam < 1).all()  # seed 1: both rows are mixed with the other one
+    assert mixed[:, 0].tolist() == [1.0, 1.0] and mixed[:, 1].isnan().all() and mixed[:, 2].tolist() == [0.0, 0.0]
 
 
 def test_a_transfer_set_is_labelled_by_the_teacher_only(tiny, tmp_path):

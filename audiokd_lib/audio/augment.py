@@ -171,8 +171,12 @@ def mixup(
     x_mixed = lam_x * x + (1 - lam_x) * x[perm]
     lam_y = lam.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
     if mode == "union":
-        # An unmixed example (lam = 1) must not inherit its partner's labels.
-        y_mixed = torch.where(lam_y < 1, torch.maximum(y, y[perm]), y)
+        # An unmixed example (lam = 1) must not inherit its partner's labels. With unknown answers (NaN,
+        # OpenMIC) a class is present if either source surely has it, unknown if either source's answer is.
+        either = torch.maximum(y, y[perm])  # NaN when either answer is unknown
+        known_max = torch.fmax(y, y[perm])  # the larger known answer
+        union = torch.where(known_max >= 1, known_max, either)
+        y_mixed = torch.where(lam_y < 1, union, y)
     else:
         y_mixed = lam_y * y + (1 - lam_y) * y[perm]
     return x_mixed, y_mixed, lam

@@ -27,14 +27,18 @@ DOWNLOADERS: dict[str, Callable[[Downloads, SubsetParams], dict]] = {
 
 
 def load_tables(dataset: str, root: str | Path) -> dict[str, pd.DataFrame]:
-    """A downloaded subset's clip tables by name: "clips" (single-label, for notebooks 02-07) and multi-label ones."""
+    """A downloaded subset's clip tables by name: "clips" (what notebooks 02-07 learn from) and others.
+
+    The "clips" of TinySOL, IRMAS's training part and ESC-50 have one `label` a clip; OpenMIC's are
+    multi-label (`labels`, and `labels_unknown` for the questions nobody answered).
+    """
     if dataset == "tinysol":
         return {"clips": load_tinysol(root)}
     if dataset == "irmas":
         training, testing = load_irmas(root)
         return {"clips": training, "irmas_testing": testing}
     if dataset == "openmic":
-        return {"openmic": load_openmic(root)}
+        return {"clips": load_openmic(root)}
     return {"clips": load_esc50(root)}
 
 

@@ -187,9 +187,7 @@ def load_clip_table(params: Params, name: str = "clips") -> pd.DataFrame:
     """Read a clip table saved by notebook 01 ('clips' for notes, 'pieces' for pieces)."""
     path = data_dir(params) / f"{name}.csv"
     if not path.is_file():
-        hint = (" (data.dataset openmic gives only the multi-label table openmic.csv: notebooks 02-07 need a "
-                "single-label dataset)" if params.data.dataset == "openmic" and name == "clips" else "")
-        raise FileNotFoundError(f"{path}: no clip table yet; run notebook 01_data for profile {params.profile} first{hint}")
+        raise FileNotFoundError(f"{path}: no clip table yet; run notebook 01_data for profile {params.profile} first")
     table = pd.read_csv(path, keep_default_na=False)
     for column in ("path", "stems_dir"):
         if column in table:

@@ -8,8 +8,14 @@ import torch.nn.functional as F
 
 def hard_loss(logits: torch.Tensor, targets: torch.Tensor, multilabel: bool, label_smoothing: float = 0.0
               ) -> torch.Tensor:
-    """Cross-entropy for one label per clip (targets may be soft rows after mixup), BCE for multi-label."""
+    """Cross-entropy for one label per clip (targets may be soft rows after mixup), BCE for multi-label.
+
+    Multi-label targets may hold NaN for answers nobody gave (OpenMIC): those pairs are skipped (:func:`masked_bce`).
+    """
     if multilabel:
+        unknown = targets.isnan()
+        if unknown.any():
+            return masked_bce(logits, targets.nan_to_num(0.0), ~unknown)
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
 

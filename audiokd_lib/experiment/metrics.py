@@ -29,6 +29,7 @@ from sklearn.metrics import (
     average_precision_score,
     classification_report,
     f1_score,
+    precision_recall_fscore_support,
     top_k_accuracy_score,
 )
 from torch import nn
@@ -84,10 +85,14 @@ def classification_metrics(
 
     Single-label: `y_true` holds class indices (N,), `scores` logits or probabilities (N, C); returns
     accuracy, macro_f1 and, with more than three classes, top3_accuracy. Multi-label: `y_true` is a
-    0/1 matrix (N, C), `scores` logits; returns mAP and micro_f1. `present_only`: the macro-F1
+    0/1 matrix (N, C), NaN where the answer is unknown, `scores` logits; returns mAP and micro_f1
+    (:func:`masked_multilabel_metrics` when some answers are unknown). `present_only`: the macro-F1
     averages over the classes that occur in `y_true` (a split that holds only some classes, as the
     real recordings do), not over all of them.
     """
+    if multilabel and np.isnan(np.asarray(y_true, dtype=np.float64)).any():  # unknown answers (OpenMIC): skip them
+        known = ~np.isnan(np.asarray(y_true, dtype=np.float64))
+        return masked_multilabel_metrics(np.nan_to_num(y_true).astype(int), np.asarray(scores), known, classes)
     y_true, scores = _check(y_true, scores, classes, multilabel)
     labels = sorted(set(y_true.tolist())) if present_only and not multilabel else list(range(len(classes)))
     if multilabel:
@@ -146,7 +151,19 @@ def masked_multilabel_metrics(y_true: np.ndarray, scores: np.ndarray, known: np.
 
 
 def per_class_report(y_true: np.ndarray, scores: np.ndarray, classes: list[str], multilabel: bool) -> pd.DataFrame:
-    """Precision, recall, F1 and support of every class, one row per class (index: class names)."""
+    """Precision, recall, F1 and support of every class, one row per class (index: class names).
+
+    Multi-label answers that are unknown (NaN) are left out of their class's row.
+    """
+    if multilabel and np.isnan(np.asarray(y_true, dtype=np.float64)).any():
+        y_true, scores = np.asarray(y_true, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+        predicted, rows = _predictions(scores, multilabel=True), {}
+        for c, name in enumerate(classes):
+            known = ~np.isnan(y_true[:, c])
+            p, r, f, _ = precision_recall_fscore_support(y_true[known, c].astype(int), predicted[known, c],
+                                                         average="binary", zero_division=0)
+            rows[name] = {"precision": p, "recall": r, "f1-score": f, "support": int(y_true[known, c].sum())}
+        return pd.DataFrame(rows).T.astype({"support": int})[["precision", "recall", "f1-score", "support"]]
     y_true, scores = _check(y_true, scores, classes, multilabel)
     report = classification_report(
         y_true,
@@ -196,23 +213,27 @@ def pr_curve_figure(
 
     A class without a positive clip has no curve (recall is undefined) and is left out of the legend.
     """
+    known = ~np.isnan(np.asarray(y_true, dtype=np.float64)) if multilabel else None  # OpenMIC: unknown answers
+    if known is not None:
+        y_true = np.nan_to_num(np.asarray(y_true, dtype=np.float64))
     y_true, scores = _check(y_true, scores, classes, multilabel)
     probabilities = _probabilities(scores, multilabel)
     onehot = y_true if multilabel else np.eye(len(classes), dtype=int)[y_true]
+    known = np.ones(onehot.shape, dtype=bool) if known is None else known
     fig, ax = plt.subplots(figsize=(7, 5))
     colors = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10
     for index, name in enumerate(classes):
-        if onehot[:, index].any():
+        if onehot[known[:, index], index].any():
             PrecisionRecallDisplay.from_predictions(
-                onehot[:, index],
-                probabilities[:, index],
+                onehot[known[:, index], index],
+                probabilities[known[:, index], index],
                 name=name,
                 ax=ax,
                 curve_kwargs={"linewidth": 1, "color": colors[index % len(colors)]},
             )
     PrecisionRecallDisplay.from_predictions(
-        onehot.ravel(),
-        probabilities.ravel(),
+        onehot[known],
+        probabilities[known],
         name="micro-average",
         ax=ax,
         curve_kwargs={"linewidth": 2.5, "color": "black"},

@@ -92,7 +92,7 @@ def final_table(params: Params) -> pd.DataFrame:
 
 
 COMPACT = ["role", "variant", "seeds", "test acc", "test macro-F1", "heldout macro-F1", "test mAP", "heldout mAP",
-           "±", "real acc", "real macro-F1", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
+           "±", "real acc", "real macro-F1", "real mAP", "params", "non-zero params", "size MB", "MACs", "latency ms", "latency ms/clip @32",
            "MACs / baseline", "latency ms/clip @32 / baseline"]
 
 

@@ -62,14 +62,18 @@ def feature_sets(params: Params, table: pd.DataFrame, model: Classifier,
                  progress: bool = True) -> dict[str, FeatureSet]:
     """Cached features of every split the table has, through `model`'s front end.
 
-    `real`: the real recordings notebook 01 found (:mod:`~audiokd_lib.data.real_eval`), cut into
-    windows, when the model's classes include all their labels (the TinySOL instruments).
+    `real`: those of the real recordings notebook 01 found (:mod:`~audiokd_lib.data.real_eval`) whose
+    instrument is one of the model's classes (its OpenMIC class, for a multi-label model, every other
+    class a known negative), cut into windows; none when no recording is.
     """
     present = [s for s in splits if s != "real" and (table["split"] == s).any()]
     sets = {s: cached_features(params, table, s, model, feature_key(params, model), model.classes, progress)
             for s in present}
     real = real_eval.load_table(params) if "real" in splits else None
-    if real is not None and set(real["label"]) <= set(model.classes):
+    if real is not None and model.spec["multilabel"]:  # a detector of OpenMIC classes: each solo's one instrument
+        real = real.assign(label=real["openmic_class"])
+    if real is not None and real["label"].isin(model.classes).any():
+        real = real[real["label"].isin(model.classes)]
         sets["real"] = cached_windows(params, real, model, feature_key(params, model), model.classes, progress)
     return sets
 
@@ -428,7 +432,7 @@ TABLE_COLUMNS = {
     "heldout_accuracy": "heldout acc", "heldout_macro_f1": "heldout macro-F1",
     "test_mAP": "test mAP", "test_micro_f1": "test micro-F1", "heldout_mAP": "heldout mAP",
     "heldout_micro_f1": "heldout micro-F1", "real_accuracy": "real acc", "real_macro_f1": "real macro-F1",
-    "real_precision": "real precision", "real_recall": "real recall",
+    "real_mAP": "real mAP", "real_precision": "real precision", "real_recall": "real recall",
     "params": "params", "size_mb": "size MB", "macs": "MACs", "latency_ms": "latency ms",
     "latency_batch_ms": "latency ms/clip @32",
 }

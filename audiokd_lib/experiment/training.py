@@ -85,9 +85,22 @@ class FeatureSet:
         return len(self.paths)
 
 
+def is_multilabel(table: pd.DataFrame) -> bool:
+    """Whether a clip table lists several classes per clip (`labels`, as OpenMIC and the pieces) or one (`label`)."""
+    return "label" not in table
+
+
 def class_names(table: pd.DataFrame) -> list[str]:
-    """Sorted class names of a single-label clip table (the order of every model's outputs)."""
-    return sorted(table["label"].unique())
+    """Sorted class names of a clip table (the order of every model's outputs).
+
+    Single-label: the `label` values. Multi-label: every class named as a positive (`labels`) or left
+    unanswered (`labels_unknown`) anywhere in the table.
+    """
+    if not is_multilabel(table):
+        return sorted(table["label"].unique())
+    columns = [c for c in ("labels", "labels_unknown") if c in table]
+    return sorted({name for c in columns for names in table[c].fillna("").astype(str) for name in names.split("|")
+                   if name})
 
 
 def cached_features(params: Params, table: pd.DataFrame, split: str, model: Classifier, key: str,
@@ -100,14 +113,11 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
 
     Targets: class indices from a `label` column (one class per clip), or multi-hot float rows from a
     `labels` column of '|'-joined class names (the pieces, several instruments at once), where every
-    class not listed is a negative.
+    class not listed is a negative, except those in `labels_unknown` (OpenMIC's unanswered questions):
+    their target is NaN, which the losses and metrics skip (`losses.hard_loss`, `metrics`).
     """
     from audiokd_lib.data.real import multilabel_targets
     from audiokd_lib.data.tables import fingerprint
-
-    if "label" not in table and "labels_unknown" in table and (table["labels_unknown"].astype(str) != "").any():
-        raise ValueError("this table leaves some (clip, class) answers unknown (labels_unknown, as OpenMIC does), "
-                         "which a FeatureSet would count as negatives; train on a fully labelled table")
 
     rows, data_fp = table[table["split"] == split], fingerprint(table)
     path = params.output_dir / "features" / "cache" / f"{split}-{key}-{data_fp}.pt"
@@ -132,7 +142,8 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
         index = {name: i for i, name in enumerate(classes)}
         targets = torch.tensor([index[label] for label in kept_rows["label"]])
     else:
-        targets = torch.from_numpy(multilabel_targets(kept_rows, classes)[0])
+        answers, known = multilabel_targets(kept_rows, classes)
+        targets = torch.from_numpy(np.where(known, answers, np.nan).astype(np.float32))
     return FeatureSet(saved["features"].float(), targets, list(saved["paths"]), classes, data_fp,
                       skipped.errors, cache_file=str(path))
 
@@ -141,6 +152,8 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
 def cached_windows(params: Params, table: pd.DataFrame, model: Classifier, key: str, classes: list[str],
                    progress: bool = True) -> FeatureSet:
     """Features of every non-silent window of each recording in `table` (path, label), cached like clips.
+
+    For a multi-label model the targets are multi-hot rows with only `label` present.
 
     Recordings of any length are cut as `audiokd classify` cuts a file (windows of clip_seconds, half
     overlapping; silent ones dropped); `groups` says which recording each window belongs to.
@@ -177,6 +190,8 @@ def cached_windows(params: Params, table: pd.DataFrame, model: Classifier, key: 
     labels = table.set_index("path").loc[saved["paths"], "label"]
     groups = saved["groups"]
     targets = torch.tensor([index[label] for label in labels])[groups]
+    if model.spec["multilabel"]:  # one instrument playing: its class positive, every other a known negative
+        targets = F.one_hot(targets, len(classes)).float()
     return FeatureSet(saved["features"].float(), targets, [saved["paths"][g] for g in groups.tolist()], classes,
                       fingerprint(table), skipped.errors, cache_file=str(path), groups=groups)
 

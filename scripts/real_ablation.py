@@ -1,0 +1,82 @@
+"""What carries rendered-note models to real recordings? Train one model per recipe change and score it.
+
+Each variant trains one teacher member or one labels-only student (seed 0, the profile's recipe) on
+the profile's cached features, with one change, and prints its test, held-out and real scores as a
+JSON line. Nothing is logged to MLflow and no table changes: this is the experiment behind the
+README's "Real recordings" section, to be repeated, not a step of the course.
+
+    python scripts/real_ablation.py --profile quick teacher - eq reverb eq,reverb transfer lr=3e-4
+    python scripts/real_ablation.py --profile quick student - eq reverb transfer transfer,reverb
+
+A variant is "-" (the recipe as it is) or comma-joined changes: `eq` and `reverb` add those training
+augmentations; `transfer` also trains on the transfer soundfont's clips *with their labels* (a second
+training timbre); `lr=<value>` sets the peak learning rate. Run notebooks 01-02 of the profile first
+(and set AUDIOKD_REAL_EVAL or let notebook 01 download the recordings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from audiokd_lib.audio.features import NormStats
+from audiokd_lib.data import tables
+from audiokd_lib.experiment import runs, training
+from audiokd_lib.experiment.params import profile_params
+from audiokd_lib.models import students, teachers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="quick")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("model", choices=["teacher", "student"])
+    parser.add_argument("variants", nargs="+")
+    args = parser.parse_args()
+    params = profile_params(args.profile)
+    torch.set_num_threads(params.threads)
+    clips = tables.load_clip_table(params, "clips")
+    classes = training.class_names(clips)
+    stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
+                           tables.fingerprint(clips))
+
+    def build():
+        if args.model == "teacher":
+            return teachers.build_teacher(params, classes, progress=False, seed=args.seed)
+        return students.build_student(params, classes, stats, seed=args.seed)
+
+    sets = runs.feature_sets(params, clips, build(), progress=False)
+    if "real" not in sets:
+        print("note: no real recordings found (run notebook 01 with AUDIOKD_REAL_EVAL or a network): no real scores")
+    recipe = params.teacher.train if args.model == "teacher" else params.train
+    for variant in args.variants:
+        changes = [] if variant == "-" else variant.split(",")
+        tp, train = recipe.model_copy(update={"seeds": [args.seed]}), sets["train"]
+        for change in changes:
+            if change in ("eq", "reverb"):
+                tp = tp.model_copy(update={"augment": [*tp.augment, change]})
+            elif change == "transfer":
+                extra = sets["transfer"]
+                train = dataclasses.replace(train, features=torch.cat([train.features, extra.features]),
+                                            targets=torch.cat([train.targets, extra.targets]),
+                                            paths=train.paths + extra.paths, cache_file=None)
+            elif change.startswith("lr="):
+                tp = tp.model_copy(update={"lr": float(change.removeprefix("lr="))})
+            else:
+                parser.error(f"unknown change {change!r} in variant {variant!r}: eq, reverb, transfer or lr=<value>")
+        model, start = build(), time.time()
+        with tempfile.TemporaryDirectory() as run_dir:
+            training.fit(model, train, sets["val"], tp, params, args.seed, Path(run_dir), progress=False)
+        found = runs.scores(model, sets)
+        print(json.dumps({"model": args.model, "variant": variant, "seconds": round(time.time() - start),
+                          **{k: round(v, 3) for k, v in found.items() if "top3" not in k}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
