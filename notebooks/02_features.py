@@ -45,12 +45,16 @@ from audiokd_lib.audio.features import (
 )
 from audiokd_lib.audio.loading import audio_backend, load_audio, load_clip, resample, save_audio
 from audiokd_lib.data import tables
+from audiokd_lib.experiment import training
 from audiokd_lib.experiment.params import GainNoiseParams, load_params
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
 fp = params.features
 clips = tables.load_clip_table(params, "clips")
+multilabel = training.is_multilabel(clips)  # OpenMIC: several instruments a clip
+# For the pictures below, one caption a clip: its label, or everything a multi-label clip plays.
+named = clips.assign(label=clips["labels"].replace("", "(none)")) if multilabel else clips
 features_dir = params.output_dir / "features"
 features_dir.mkdir(parents=True, exist_ok=True)
 print(f"profile {params.profile}: {len(clips)} clips; decoding with {audio_backend()}")
@@ -82,7 +86,7 @@ assert loaded.shape[0] == 1 and abs(loaded.shape[1] - note.shape[1]) <= 2
 # %%
 logmel = LogMel(fp)
 hop_seconds = fp.hop_length / fp.sample_rate
-labels = clips.loc[clips["split"] == "train", "label"].drop_duplicates().head(4)
+labels = named.loc[named["split"] == "train", "label"].drop_duplicates().head(4)
 fig, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 3), sharey=True)
 for ax, (index, label) in zip(np.atleast_1d(axes), labels.items()):
     wave = load_clip(clips.loc[index, "path"], fp.sample_rate, fp.clip_seconds)
@@ -140,14 +144,14 @@ for _ in range(3):
 # audible in the mix, so the label is their union.
 
 # %%
-batch_paths = clips[clips["split"] == "train"].groupby("label").head(1).head(4)
+batch_paths = named[named["split"] == "train"].groupby("label").head(1).head(4)
 batch = torch.cat([logmel(load_clip(p, fp.sample_rate, fp.clip_seconds)) for p in batch_paths["path"]])
 generator = torch.Generator().manual_seed(params.seed)
 spec = params.augment.specaugment
 masked = augment.spec_augment(batch, spec.freq_mask, spec.time_mask, spec.n_masks, generator=generator)
-classes = sorted(clips["label"].unique())
-one_hot = torch.nn.functional.one_hot(torch.tensor([classes.index(c) for c in batch_paths["label"]]), len(classes)).float()
-mixed, mixed_labels, lam = augment.mixup(batch, one_hot, params.augment.mixup.alpha, generator, multilabel=False)
+classes = training.class_names(clips)
+targets = torch.tensor([[float(c in names.split("|")) for c in classes] for names in batch_paths["label"]])
+mixed, mixed_labels, lam = augment.mixup(batch, targets, params.augment.mixup.alpha, generator, multilabel=multilabel)
 
 fig, axes = plt.subplots(2, len(batch), figsize=(3.6 * len(batch), 5.5), sharey=True)
 for i in range(len(batch)):
@@ -158,7 +162,7 @@ for i in range(len(batch)):
 fig.tight_layout()
 plots.save_fig(fig, params, "02_specaugment_mixup")
 plt.show()
-assert torch.allclose(mixed_labels.sum(dim=1), torch.ones(len(batch)))
+assert multilabel or torch.allclose(mixed_labels.sum(dim=1), torch.ones(len(batch)))  # a blend still sums to 1
 
 # %% [markdown]
 # ## Normalisation statistics (training split only)

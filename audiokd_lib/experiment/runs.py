@@ -110,10 +110,20 @@ def scores(model: Classifier, sets: dict[str, FeatureSet], splits: tuple[str, ..
         if split in sets:
             data = sets[split]
             y, logits = predict_files(model, data)
-            found = metrics.classification_metrics(y, logits, data.classes, data.multilabel,
-                                                   present_only=data.groups is not None)
-            results.update({f"{split}_{key}": value for key, value in found.items()})
+            results.update({f"{split}_{key}": value for key, value in _split_metrics(data, y, logits).items()})
     return results
+
+
+def _split_metrics(data: FeatureSet, y, logits) -> dict[str, float]:
+    """The table's numbers for one split; for recordings of one instrument each (the real split) seen by a
+    multi-label model, also the precision and recall of what it names (probability at least 0.5)."""
+    found = metrics.classification_metrics(y, logits, data.classes, data.multilabel,
+                                           present_only=data.groups is not None)
+    if data.groups is not None and data.multilabel:
+        plays = [data.classes[row.argmax()] for row in y]
+        heard = [[c for c, z in zip(data.classes, row) if z >= 0] for row in logits]
+        found.update({k: v for k, v in metrics.solo_detection(plays, heard).items() if k != "named_per_recording"})
+    return found
 
 
 def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], name: str
@@ -126,8 +136,7 @@ def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], nam
             continue
         data = sets[split]
         y, logits = predict_files(model, data)  # the real recordings: one row per recording, windows combined
-        for key, value in metrics.classification_metrics(y, logits, data.classes, data.multilabel,
-                                                         present_only=data.groups is not None).items():
+        for key, value in _split_metrics(data, y, logits).items():
             results[f"{split}_{key}"] = value
         report = metrics.per_class_report(y, logits, data.classes, data.multilabel)
         with atomic_path(out / f"per_class_{split}.csv") as tmp:
@@ -317,7 +326,7 @@ def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Tra
     row = _reuse_or_prepare(params, job.role, job.name, key)
     if row is not None:
         job.model = load_checkpoint(checkpoint_path(params, job.name))
-        if "real" in sets and pd.isna(row.get("real_accuracy")):  # the real recordings came after the run
+        if "real" in sets and pd.isna(row.get("real_accuracy")) and pd.isna(row.get("real_mAP")):  # found later
             tracking.add_metrics(params, row["run_id"], scores(job.model, sets, splits=("real",)))
             row = _finish(params, job.role, job.name, row["run_id"])
     return row
