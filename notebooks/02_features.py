@@ -165,6 +165,30 @@ plt.show()
 assert multilabel or torch.allclose(mixed_labels.sum(dim=1), torch.ones(len(batch)))  # a blend still sums to 1
 
 # %% [markdown]
+# ### A room and a microphone, on the log-mels
+#
+# Training runs on cached log-mels, so the waveform reverb above would mean recomputing features at
+# every step. Two cheap stand-ins act on the log-mels directly, as training options (`train.augment`:
+# `reverb`, `eq`): a **room** convolves each mel band's power along time with an exponential decay of
+# random RT60 (`augment.rir`), which is what a reverberant room does to a power spectrogram to a good
+# approximation; an **equaliser** adds a random tilt and a few bell curves in dB over the mel bins
+# (`augment.eq`), as another microphone or room colours the sound. The README's "Real recordings"
+# section reports whether they help on real recordings (measured with `scripts/real_ablation.py`).
+
+# %%
+rng_mel = np.random.default_rng(params.seed)
+one = batch[:1]
+roomy = augment.mel_reverb(one, hop_seconds, 0.8, 0.8, rng_mel)
+coloured = augment.mel_equalizer(one, params.augment.eq.max_db, params.augment.eq.bumps, rng_mel)
+fig, axes = plt.subplots(1, 3, figsize=(12, 3), sharey=True)
+for ax, (title, mel) in zip(axes, [("dry", one), ("room, RT60 0.8 s", roomy), ("random equaliser", coloured)]):
+    plots.show_logmel(ax, mel[0], hop_seconds, title)
+fig.tight_layout()
+plots.save_fig(fig, params, "02_mel_room_eq")
+plt.show()
+assert torch.allclose(roomy.exp().sum(), one.exp().sum(), rtol=1e-3)  # the room moves energy in time, adds none
+
+# %% [markdown]
 # ## Normalisation statistics (training split only)
 #
 # Networks train best on inputs near zero mean and unit variance. We measure each mel bin's mean and
