@@ -42,8 +42,8 @@ def test_pair_in_sync_and_without_outputs(name):
 
 def test_every_notebook_runs_with_the_smoke_profile(smoke_profile):
     """One papermill run of the whole chain, as CI's smoke profile does it, and what it must leave behind."""
-    runs = run_notebooks(smoke_profile, log=lambda *_: None)
-    assert [r.name for r in runs] == notebook_names()
+    executed = run_notebooks(smoke_profile, log=lambda *_: None)
+    assert [r.name for r in executed] == notebook_names()
     params = load_params(smoke_profile)
     outputs = params.output_dir
     assert set(pd.read_csv(outputs / "data" / "clips.csv")["split"]) == {"train", "val", "test", "heldout", "transfer"}
