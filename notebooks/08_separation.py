@@ -237,7 +237,10 @@ display(Markdown("The CRNN's average SDR gain over the mixture: " + ", ".join(
 #
 # The detector reads whole pieces: its front end is the course's 32 kHz log-mel with the clip length
 # set to the pieces' length. It trains on random crops (`separation.detector.crop_seconds`) and is
-# evaluated on whole pieces. Normalisation statistics come from the training pieces.
+# evaluated on whole pieces. Normalisation statistics come from the training pieces. Pieces alone
+# teach it instruments in company only: an instrument that plays in most pieces (bass, voice) becomes
+# a safe guess on anything. `separation.detector_solo_stems` adds that many stems of each training
+# piece as clips of their own, one instrument labelled each (`tables.solo_stems`).
 
 # %%
 torch.set_num_threads(params.threads)
@@ -249,9 +252,11 @@ detector_params = params.model_copy(update={
 classes = list(taxonomy.OPENMIC_CLASSES)
 stats = compute_norm_stats(pieces, detector_params.features, detector_params.fingerprint("features"),
                            tables.fingerprint(pieces))
-sets = runs.feature_sets(detector_params, pieces,
+# Solo stems of the training pieces join them (`separation.detector_solo_stems` a piece): one instrument alone
+solos = tables.solo_stems(pieces[pieces["split"] == "train"], sp.detector_solo_stems, params.seed)
+sets = runs.feature_sets(detector_params, pd.concat([pieces, solos], ignore_index=True),
                          students.build_student(detector_params, classes, stats, multilabel=True))
-print({split: tuple(s.features.shape) for split, s in sets.items()})
+print({split: tuple(s.features.shape) for split, s in sets.items()}, f"({len(solos)} solo stems in train)")
 print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f} on average; "
       f"classes without a training piece: {[c for c, n in zip(classes, sets['train'].targets.sum(0)) if n == 0]}")
 

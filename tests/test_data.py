@@ -87,3 +87,23 @@ def test_transfer_soundfonts_refuse_the_heldout_and_training_ones():
     with pytest.raises(ValueError, match="training soundfonts too"):
         DataParams(train_soundfonts=["FluidR3_GM"], transfer_soundfonts=["FluidR3_GM"])
     assert DataParams(transfer_soundfonts=["TimGM6mb"]).transfer_soundfonts == ["TimGM6mb"]
+
+
+def test_solo_stems_label_each_stem_with_its_one_instrument(tmp_path):
+    rows = []
+    for i, (stems, split) in enumerate([(["bass", "voice", "synthesizer", "synthesizer_2"], "train"),
+                                        (["drums"], "val")]):
+        folder = tmp_path / f"piece-{i}" / "stems"
+        folder.mkdir(parents=True)
+        for name in stems:
+            (folder / f"{name}.flac").write_bytes(b"")
+        rows.append({"path": str(folder.parent / "mixture.wav"), "labels": "|".join(stems), "soundfont": "sf",
+                     "sample_key": f"piece-{i}", "stems_dir": str(folder), "split": split})
+    pieces = pd.DataFrame(rows)
+    solos = tables.solo_stems(pieces, per_piece=3, seed=0)
+    assert solos["split"].tolist() == ["train"] * 3 + ["val"]  # at most 3 of a piece, in the piece's split
+    every = tables.solo_stems(pieces, per_piece=4, seed=0)
+    assert sorted(every.loc[every["split"] == "train", "labels"]) == ["bass", "synthesizer", "synthesizer", "voice"]
+    assert all(path.endswith(".flac") and "|" not in label for path, label in zip(solos["path"], solos["labels"]))
+    assert solos.equals(tables.solo_stems(pieces, per_piece=3, seed=0))  # the seed fixes the choice
+    assert tables.solo_stems(pieces, per_piece=0, seed=0).empty

@@ -11,6 +11,7 @@ hashes what a model learns from (files, labels, splits), for caches and runs to 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,25 @@ def split_pieces(table: pd.DataFrame, val_fraction: float, test_fraction: float,
     table.loc[order[:n_test], "split"] = "test"
     table.loc[order[n_test:n_test + n_val], "split"] = "val"
     return table
+
+
+def solo_stems(pieces: pd.DataFrame, per_piece: int, seed: int) -> pd.DataFrame:
+    """Single instruments of the pieces, as clips of their own: `per_piece` stems of each piece (fewer
+    when it has fewer), each labelled with its one instrument and kept in its piece's split.
+
+    A detector trained on full pieces only hears instruments in company, and one that plays in most
+    pieces (bass, voice) becomes a safe guess on anything; solo stems show it what one instrument alone
+    sounds like. The choice of stems is fixed by `seed`.
+    """
+    rng, rows = np.random.default_rng(seed), []
+    for piece in pieces.itertuples():
+        stems = sorted(Path(piece.stems_dir).glob("*.flac"))
+        for stem in rng.permutation(len(stems))[:per_piece]:
+            label = re.sub(r"_\d+$", "", stems[stem].stem)  # a second part of one instrument is "<class>_2"
+            rows.append({"path": str(stems[stem]), "labels": label, "soundfont": piece.soundfont,
+                         "source": "solo_stems", "sample_key": f"{piece.sample_key}/{stems[stem].stem}",
+                         "split": piece.split})
+    return pd.DataFrame(rows, columns=["path", "labels", "soundfont", "source", "sample_key", "split"])
 
 
 def fingerprint(table: pd.DataFrame) -> str:

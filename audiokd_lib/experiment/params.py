@@ -335,6 +335,8 @@ class SeparationParams(_Section):
     crnn: CRNNParams = CRNNParams()
     # The multi-label instrument detector: the student, trained on the pieces, distilled from mn04 zero-shot.
     detector: TrainParams = TrainParams(epochs=20, crop_seconds=3.0, seeds=[0])
+    # Stems of each training piece added to the detector's training clips as solos (tables.solo_stems); 0: none
+    detector_solo_stems: int = Field(0, ge=0)
 
 
 class Params(_Section):
