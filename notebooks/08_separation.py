@@ -339,7 +339,14 @@ else:
         answers = [classify.classify_file(job.model, path, top_k=len(classes)).top for path in solos["path"]]
         heard[job.name] = [", ".join(c for c, p in top if p >= sp.threshold) for top in answers]
     display(heard)
-display(runs.results_table(params, ["detector"]))
+detector_table = runs.results_table(params, ["detector"])
+display(detector_table)
+for _, row in detector_table.iterrows():  # the course's target: at least half of what it names is right
+    if "real precision" in row and pd.notna(row["real precision"]):
+        print(f"{row['model']}: real precision {row['real precision']:.2f}, recall {row['real recall']:.2f} "
+              f"(target precision at least 0.5: {'met' if row['real precision'] >= 0.5 else 'not met'})")
+    elif "real recall" in row and pd.notna(row["real recall"]):
+        print(f"{row['model']}: names nothing on the real solos (recall {row['real recall']:.2f})")
 
 # %% [markdown]
 # Compare the rows with the teacher's table above. In the quick profile's run the detector trained on

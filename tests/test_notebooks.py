@@ -143,9 +143,9 @@ def check_separated_stems(params, separated: Path) -> None:
 def openmic_archive(keys: list[str]) -> dict[str, bytes]:
     """openmic-2018-v1.0.0.tgz in the official layout: tones of one or two instruments a clip, partial labels."""
     import io
-    import tarfile
 
     import numpy as np
+    from test_datasets import tar_gz
 
     pitch = {"piano": 262.0, "violin": 659.0, "voice": 392.0}
     answers, members = [], {}
@@ -166,13 +166,7 @@ def openmic_archive(keys: list[str]) -> dict[str, bytes]:
     members["openmic-2018/openmic-2018-aggregated-labels.csv"] = labels.to_csv(index=False).encode()
     members["openmic-2018/partitions/split01_train.csv"] = "\n".join(keys[:-8]).encode() + b"\n"
     members["openmic-2018/partitions/split01_test.csv"] = "\n".join(keys[-8:]).encode() + b"\n"
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, body in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(body)
-            tar.addfile(info, io.BytesIO(body))
-    return {"openmic-2018-v1.0.0.tgz": buffer.getvalue()}
+    return {"openmic-2018-v1.0.0.tgz": tar_gz(members)}
 
 
 @pytest.mark.slow
