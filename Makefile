@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.audiokd-installed
 FROM ?=
+SET ?=
 # Threads: small models on a 2-core machine run faster on one thread, and OpenMP spin-waiting
 # under contention turned 7 ms inferences into 1 s ones (docs/measurements.md): wait passively.
 export OMP_WAIT_POLICY ?= PASSIVE
@@ -14,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 .PHONY: run test setup notebooks lab clean-outputs readme-results
 
 run: setup
-	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM))
+	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM)) $(if $(SET),--set $(SET))
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

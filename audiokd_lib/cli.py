@@ -1,6 +1,7 @@
 """Command line (also `python -m audiokd_lib ...`).
 
   audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
+              [--set kd.temperature=4 train.epochs=30]       ... with settings changed (a=1,2: one run each)
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="execute the notebooks of a profile with papermill")
     run.add_argument("--params", default="params/quick.yaml", help="profile file (default: %(default)s)")
+    run.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="change settings without editing the file, in Hydra's override grammar, e.g. "
+                          "kd.temperature=4 train.epochs=30; KEY=a,b,c runs one profile per value (a sweep)")
     run.add_argument("--from", dest="start", metavar="NOTEBOOK",
                      help="resume from this notebook (e.g. 02_features or 02)")
     classify = commands.add_parser("classify", help="print the top classes of audio files")
@@ -61,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
-            run_notebooks(args.params, start=args.start)
-            _print_table(args.params)
+            _run(args)
         elif args.command == "classify":
             return _classify(args)
         elif args.command == "bench":
@@ -73,6 +76,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Run a profile, or with --set the profile changed on the command line: once, or once per swept value.
+
+    Each changed profile's settings are saved as outputs/<profile>/params/<profile>.yaml, which the
+    notebooks read and MLflow stores with every run. A sweep names each profile after its changes
+    (quick-kd.temperature=2) so their outputs never mix, and ends with their tables side by side.
+    """
+    from audiokd_lib.experiment.params import expand_sweeps, load_params, write_effective
+    from audiokd_lib.experiment.report import compare_profiles
+
+    if not args.overrides:
+        run_notebooks(args.params, start=args.start)
+        _print_table(args.params)
+        return
+    base = load_params(args.params)
+    runs = expand_sweeps(args.overrides)
+    effective = []
+    for overrides in runs:
+        name = f"{base.profile}-{'-'.join(overrides)}".replace("/", "_") if len(runs) > 1 else None
+        params = load_params(args.params, overrides, profile=name)
+        effective.append(write_effective(params, args.params, overrides))
+        print(f"profile {params.profile}: {args.params} with {' '.join(overrides)}")
+        run_notebooks(effective[-1], start=args.start)
+    if len(runs) == 1:
+        _print_table(str(effective[0]))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 250, "display.max_columns", None, "display.precision", 3):
+            print(f"\nthe sweep side by side:\n{compare_profiles([load_params(f) for f in effective])}")
 
 
 def _print_table(params_file: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -403,7 +404,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_read_yaml(parent_path, (*chain, path)), raw)
 
 
-def _explain(err: dict, path: Path) -> str:
+def _explain(err: dict, path: Path | str) -> str:
     key = ".".join(str(part) for part in err["loc"])
     if err["type"] == "extra_forbidden":
         model: type[BaseModel] = Params
@@ -421,14 +422,70 @@ def profile_params(profile: str) -> Params:
     return load_params(profile if profile.endswith(".yaml") else Path("params") / f"{profile}.yaml")
 
 
-def load_params(path: str | Path) -> Params:
-    """Read a profile's YAML (following `extends:`) and check every key and value."""
+def load_params(path: str | Path, overrides: list[str] | None = None, profile: str | None = None) -> Params:
+    """Read a profile's YAML (following `extends:`), apply `overrides`, and check every key and value.
+
+    `overrides` are command-line settings in Hydra's override grammar (`kd.temperature=4`,
+    `train.augment=[gain,noise]`), checked by the same schema as the file: a misspelt key fails,
+    naming it. `profile` renames the profile (and so its output folder and MLflow experiment).
+    """
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = project_root() / path
     raw = _read_yaml(path)
-    raw.setdefault("profile", path.stem)
+    where = f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides, where)
+    raw["profile"] = profile or raw.get("profile") or path.stem
     try:
         return Params(**raw)
     except ValidationError as err:
-        raise ParamsError("\n".join(_explain(e, path) for e in err.errors())) from None
+        raise ParamsError("\n".join(_explain(e, where) for e in err.errors())) from None
+
+
+def _parse(overrides: list[str], where: str) -> list:
+    # Hydra's parser, not a home-made one: quoting, lists, dicts and sweeps (a=1,2) as Hydra users know them.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as err:
+        raise ParamsError(f"{where}: {err}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], where: str = "--set") -> dict[str, Any]:
+    """`raw` (a profile's settings as read) with each `key=value` of `overrides` set; no sweeps here."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(raw)
+    for override in _parse(overrides, where):
+        if override.is_sweep_override():
+            raise ParamsError(f"{where}: {override.input_line} lists several values; `audiokd run` runs one profile "
+                              "per value (see expand_sweeps)")
+        # force_add: an unknown key is set anyway, so that the schema names it in its error
+        OmegaConf.update(config, override.key_or_group, override.value(), merge=False, force_add=True)
+    return OmegaConf.to_container(config)
+
+
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """One list of single-valued overrides per run: `kd.temperature=1,2 train.epochs=4` gives two runs."""
+    choices = [[f"{o.key_or_group}={value}" for value in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in _parse(overrides, "--set")]
+    return [list(combination) for combination in itertools.product(*choices)]
+
+
+def write_effective(params: Params, source: str | Path, overrides: list[str]) -> Path:
+    """Save the settings a run really used (the profile with its overrides applied) beside its outputs.
+
+    The file, outputs/<profile>/params/<profile>.yaml, is a complete profile: the notebooks read it,
+    MLflow stores it with every run, and `audiokd run --params` on it repeats the run.
+    """
+    from audiokd_lib.files import atomic_path
+
+    path = params.output_dir / "params" / f"{params.profile}.yaml"
+    header = (f"# The settings of profile {params.profile} as run: {source}"
+              + (f" with --set {' '.join(overrides)}" if overrides else "") + "\n")
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(params.model_dump(), sort_keys=False))
+    return path

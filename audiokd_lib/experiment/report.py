@@ -113,6 +113,19 @@ def save_results(params: Params, table: pd.DataFrame) -> tuple:
     return csv, md
 
 
+def compare_profiles(profiles: list[Params]) -> pd.DataFrame:
+    """The main score of every model recipe (role, variant) in each profile's results.csv, side by side."""
+    columns = {}
+    for params in profiles:
+        path = params.output_dir / "results.csv"
+        if path.is_file():
+            table = pd.read_csv(path)
+            columns[params.profile] = table.set_index(["role", "variant"])[main_score(table)]
+    if not columns:
+        raise LookupError("none of the profiles has a results.csv yet: run them through notebook 07")
+    return pd.DataFrame(columns)
+
+
 def real_note(params: Params, table: pd.DataFrame) -> str:
     """What the `real` columns are, or why the table has none."""
     found = real_eval.load_table(params)
