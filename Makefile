@@ -12,7 +12,7 @@ SET ?=
 # under contention turned 7 ms inferences into 1 s ones (docs/measurements.md): wait passively.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test setup notebooks lab clean-outputs readme-results
+.PHONY: run test setup notebooks lab mlflow clean-outputs readme-results
 
 run: setup
 	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM)) $(if $(SET),--set $(SET))
@@ -33,8 +33,15 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 notebooks: setup
 	$(BIN)/jupytext --to ipynb --update notebooks/[0-9]*.py
 
+# As root (a container, a cloud notebook) Jupyter refuses to start without --allow-root: pass it there only.
+# Jupyter prints the URL with its token.
 lab: setup
-	$(BIN)/jupyter lab --ip 127.0.0.1 notebooks/
+	$(BIN)/jupyter lab --ip 127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+
+# The MLflow UI on the profile's store (outputs/$(PROFILE)/mlflow.db), on 127.0.0.1:$(PORT).
+PORT ?= 5000
+mlflow: setup
+	$(BIN)/python -m audiokd_lib mlflow --profile $(PROFILE) --port $(PORT)
 
 # Copy the quick profile's table, headline and figures (made by `make run`) into the README.
 readme-results: setup

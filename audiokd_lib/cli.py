@@ -2,6 +2,7 @@
 
   audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
               [--set kd.temperature=4 train.epochs=30]       ... with settings changed (a=1,2: one run each)
+  audiokd mlflow [--profile quick] [--port 5000]              the MLflow UI on a profile's store (127.0.0.1)
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
                           "kd.temperature=4 train.epochs=30; KEY=a,b,c runs one profile per value (a sweep)")
     run.add_argument("--from", dest="start", metavar="NOTEBOOK",
                      help="resume from this notebook (e.g. 02_features or 02)")
+    ui = commands.add_parser("mlflow", help="the MLflow UI on a profile's store, on this machine only")
+    ui.add_argument("--profile", default="quick", help="profile name or params file (default: %(default)s)")
+    ui.add_argument("--port", type=int, default=5000)
     classify = commands.add_parser("classify", help="print the top classes of audio files")
     classify.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
     classify.add_argument("--model", required=True,
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             _run(args)
+        elif args.command == "mlflow":
+            return _mlflow_ui(args)
         elif args.command == "classify":
             return _classify(args)
         elif args.command == "bench":
@@ -108,6 +114,26 @@ def _run(args: argparse.Namespace) -> None:
 
         with pd.option_context("display.width", 250, "display.max_columns", None, "display.precision", 3):
             print(f"\nthe sweep side by side:\n{compare_profiles([load_params(f) for f in effective])}")
+
+
+def _mlflow_ui(args: argparse.Namespace) -> int:
+    """Serve the MLflow UI for a profile's store on 127.0.0.1 (no one else on the network sees it)."""
+    import subprocess
+
+    from audiokd_lib.experiment import tracking
+    from audiokd_lib.experiment.params import profile_params
+
+    params = profile_params(args.profile)
+    if not (params.output_dir / "mlflow.db").is_file():
+        raise FileNotFoundError(f"{params.output_dir / 'mlflow.db'}: no MLflow store yet; run the profile first "
+                                f"(make run PROFILE={params.profile})")
+    print(f"MLflow UI for profile {params.profile}: http://127.0.0.1:{args.port}  (Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking.tracking_uri(params),
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _print_table(params_file: str) -> None:

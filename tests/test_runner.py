@@ -66,3 +66,15 @@ def test_cli_reports_a_bad_params_file(tmp_path, capsys):
     bad = write_profile(tmp_path, "profile: x\ndata: {dataset: nope}\n")
     assert main(["run", "--params", str(bad)]) == 1
     assert "data.dataset" in capsys.readouterr().err
+
+
+def test_make_lab_passes_allow_root_only_to_root():
+    """Jupyter refuses to start as root without --allow-root (containers, cloud notebooks)."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    dry = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    [lab] = [line for line in dry.splitlines() if "jupyter lab" in line]
+    assert ("--allow-root" in lab) == (os.getuid() == 0) and "--ip 127.0.0.1" in lab

@@ -109,3 +109,46 @@ def test_no_store_or_no_experiment_gives_an_empty_frame(store, tmp_path):
 def test_param_values_are_cut_to_mlflows_limit():
     assert tracking.MAX_PARAM_CHARS == MAX_PARAM_VAL_LENGTH
     assert tracking._flatten({"a": {"b": "x" * 7000, "c": [1, 2]}}) == {"a.b": "x" * 6000, "a.c": "[1, 2]"}
+
+
+def test_the_mlflow_ui_serves_a_profiles_store_on_localhost(tmp_path):
+    """`audiokd mlflow` (what `make mlflow` runs): the UI's REST API answers on 127.0.0.1 with the profile's runs."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import ROOT, write_profile
+
+    from audiokd_lib.experiment import tracking
+    from audiokd_lib.experiment.params import load_params
+
+    profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n", "ui")
+    missing = subprocess.run([sys.executable, "-m", "audiokd_lib", "mlflow", "--profile", str(profile)], check=False,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "no MLflow store yet" in missing.stderr
+    with tracking.start_run(load_params(profile), "student-kd", "a-run"):
+        tracking.log_final({"test_accuracy": 0.5})
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "audiokd_lib", "mlflow", "--profile", str(profile),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    found = json.load(answer)
+                break
+            except OSError:
+                assert server.poll() is None, "the UI exited"
+                time.sleep(0.5)
+        else:
+            raise AssertionError("the MLflow UI did not answer within a minute")
+        assert "audiokd-ui" in [e["name"] for e in found["experiments"]]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -93,6 +93,9 @@ def run_notebooks(params_file: str | Path, start: str | None = None, notebooks_d
                 kernel_name=KERNEL,
                 cwd=str(notebooks_dir),
                 progress_bar=False,
+                # The kernel's own log: at WARNING it says "Kernel is running over TCP without encryption"
+                # for every notebook, about a local kernel on 127.0.0.1 that nobody else can reach.
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
         except Exception as err:  # papermill raises its own error for cell failures, others for kernels
             raise NotebookFailed(_failure_message(name, params_file, output, err)) from err
