@@ -283,7 +283,7 @@ scale, shift = teachers.fit_calibration(zero_shot["train"], sets["train"].target
 teacher_logits = {split: scale * logits + shift for split, logits in zero_shot.items()}
 teacher_table = pd.DataFrame({
     (split, version): metrics.classification_metrics(sets[split].targets.numpy(), logits[split].numpy(), classes, True)
-    for split in runs.EVAL_SPLITS if split in sets
+    for split in ("test", "heldout") if split in sets  # the real solos: per recording, with the detectors below
     for version, logits in (("zero-shot", zero_shot), ("calibrated", teacher_logits))}).T
 display(teacher_table.round(3))
 
