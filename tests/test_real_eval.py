@@ -150,3 +150,15 @@ def test_the_shipped_manifest_names_every_recording_with_hash_url_and_licence():
     assert table["url"].str.startswith("https://raw.githubusercontent.com/").all() and table["licence"].str.len().gt(0).all()
     from audiokd_lib.data.notes import TINYSOL_INSTRUMENTS
     assert set(table["label"]) <= {i.name for i in TINYSOL_INSTRUMENTS.values()}
+
+
+def test_unreadable_recordings_leave_the_real_column_out_with_a_warning(recordings, tiny_student):
+    params, _ = recordings
+    table = real_eval.prepare(params, progress=False)
+    for path in table["path"]:
+        with open(path, "wb") as broken:  # the cache damaged after the check
+            broken.write(b"not audio")
+    model = tiny_student(["Flute", "Oboe", "Violin"])
+    no_clips = pd.DataFrame(columns=["path", "label", "split"])
+    with pytest.warns(UserWarning, match="no real column: no readable, non-silent recordings"):
+        assert runs.feature_sets(params, no_clips, model, splits=("real",), progress=False) == {}

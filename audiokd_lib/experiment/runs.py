@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,7 +75,10 @@ def feature_sets(params: Params, table: pd.DataFrame, model: Classifier,
         real = real.assign(label=real["openmic_class"])
     if real is not None and real["label"].isin(model.classes).any():
         real = real[real["label"].isin(model.classes)]
-        sets["real"] = cached_windows(params, real, model, feature_key(params, model), model.classes, progress)
+        try:
+            sets["real"] = cached_windows(params, real, model, feature_key(params, model), model.classes, progress)
+        except ValueError as err:  # none readable or all silent: a report we cannot make, not a failed run
+            warnings.warn(f"no real column: {err}", stacklevel=2)
     return sets
 
 
