@@ -12,7 +12,7 @@ SET ?=
 # under contention turned 7 ms inferences into 1 s ones (docs/measurements.md): wait passively.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: run test setup notebooks lab mlflow clean-outputs readme-results
+.PHONY: run test setup notebooks lab mlflow report clean-outputs readme-results
 
 run: setup
 	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM)) $(if $(SET),--set $(SET))
@@ -37,6 +37,10 @@ notebooks: setup
 # Jupyter prints the URL with its token.
 lab: setup
 	$(BIN)/jupyter lab --ip 127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/
+
+# Every executed notebook of the profile as an HTML page, under outputs/$(PROFILE)/report/.
+report: setup
+	$(BIN)/python -m audiokd_lib report --profile $(PROFILE)
 
 # The MLflow UI on the profile's store (outputs/$(PROFILE)/mlflow.db), on 127.0.0.1:$(PORT).
 PORT ?= 5000

@@ -3,6 +3,7 @@
   audiokd run --params params/quick.yaml [--from 03]          run a profile's notebooks with papermill
               [--set kd.temperature=4 train.epochs=30]       ... with settings changed (a=1,2: one run each)
   audiokd mlflow [--profile quick] [--port 5000]              the MLflow UI on a profile's store (127.0.0.1)
+  audiokd report [--profile quick]                            executed notebooks as HTML pages
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
                           "kd.temperature=4 train.epochs=30; KEY=a,b,c runs one profile per value (a sweep)")
     run.add_argument("--from", dest="start", metavar="NOTEBOOK",
                      help="resume from this notebook (e.g. 02_features or 02)")
+    report = commands.add_parser("report", help="every executed notebook of a profile as HTML (outputs/<profile>/report)")
+    report.add_argument("--profile", default="quick", help="profile name or params file (default: %(default)s)")
     ui = commands.add_parser("mlflow", help="the MLflow UI on a profile's store, on this machine only")
     ui.add_argument("--profile", default="quick", help="profile name or params file (default: %(default)s)")
     ui.add_argument("--port", type=int, default=5000)
@@ -70,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             _run(args)
+        elif args.command == "report":
+            from audiokd_lib.experiment.pipeline import write_report
+
+            params_file = args.profile if args.profile.endswith(".yaml") else f"params/{args.profile}.yaml"
+            for page in write_report(params_file):
+                print(page)
         elif args.command == "mlflow":
             return _mlflow_ui(args)
         elif args.command == "classify":

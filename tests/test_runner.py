@@ -78,3 +78,29 @@ def test_make_lab_passes_allow_root_only_to_root():
     dry = subprocess.run(["make", "-n", "lab"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     [lab] = [line for line in dry.splitlines() if "jupyter lab" in line]
     assert ("--allow-root" in lab) == (os.getuid() == 0) and "--ip 127.0.0.1" in lab
+
+
+def test_report_writes_each_executed_notebook_as_a_page(tmp_path, capsys):
+    import nbformat
+    from conftest import ROOT, write_profile
+
+    from audiokd_lib.cli import main
+    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.experiment.pipeline import write_report
+
+    profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n")
+    assert main(["report", "--profile", str(profile)]) == 1
+    assert "no executed notebooks" in capsys.readouterr().err
+    notebook = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("player")
+    cell.outputs = [nbformat.v4.new_output("display_data", data={
+        "text/html": '<audio controls="controls"><source src="data:audio/wav;base64,UklGRg==" type="audio/wav"/></audio>',
+        "text/plain": "<IPython.lib.display.Audio object>"})]
+    notebook.cells = [nbformat.v4.new_markdown_cell("# A player"), cell]
+    executed = load_params(profile).output_dir / "notebooks"
+    executed.mkdir(parents=True)
+    nbformat.write(notebook, executed / "08_separation.ipynb")
+    [page] = write_report(profile)
+    assert page == tmp_path / "out" / "report" / "08_separation.html"
+    html = page.read_text()
+    assert "<audio" in html and "data:audio/wav;base64" in html and "A player" in html

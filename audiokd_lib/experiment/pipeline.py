@@ -17,7 +17,7 @@ import pandas as pd
 import papermill
 
 from audiokd_lib.experiment.params import load_params
-from audiokd_lib.files import project_root, write_csv
+from audiokd_lib.files import atomic_path, project_root, write_csv
 
 KERNEL = "python3"
 
@@ -113,3 +113,25 @@ def _save_times(path: Path, runs: list[NotebookRun]) -> None:
         old = pd.read_csv(path)
         frame = pd.concat([old[~old["notebook"].isin(frame["notebook"])], frame]).sort_values("notebook")
     write_csv(path, frame)
+
+
+def write_report(params_file: str | Path) -> list[Path]:
+    """Every executed notebook of a profile as a standalone HTML page under outputs/<profile>/report/.
+
+    nbconvert's JupyterLab template, with the outputs as they ran: tables, figures (embedded), the
+    audio players (HTML <audio> elements with their sound inside) and the saved state of any widget.
+    """
+    from nbconvert import HTMLExporter
+
+    params = load_params(params_file)
+    executed = sorted((params.output_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if not executed:
+        raise FileNotFoundError(f"{params.output_dir / 'notebooks'}: no executed notebooks; run the profile first "
+                                f"(make run PROFILE={params.profile})")
+    exporter, pages = HTMLExporter(template_name="lab"), []
+    for notebook in executed:
+        body, _ = exporter.from_filename(str(notebook))
+        with atomic_path(params.output_dir / "report" / f"{notebook.stem}.html") as tmp:
+            tmp.write_text(body, encoding="utf-8")
+        pages.append(params.output_dir / "report" / f"{notebook.stem}.html")
+    return pages
