@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             _run(args)
         elif args.command == "report":
+            from audiokd_lib.experiment.params import profile_params
             from audiokd_lib.experiment.pipeline import write_report
 
-            params_file = args.profile if args.profile.endswith(".yaml") else f"params/{args.profile}.yaml"
-            for page in write_report(params_file):
+            for page in write_report(profile_params(args.profile)):
                 print(page)
         elif args.command == "mlflow":
             return _mlflow_ui(args)

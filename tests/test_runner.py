@@ -100,7 +100,7 @@ def test_report_writes_each_executed_notebook_as_a_page(tmp_path, capsys):
     executed = load_params(profile).output_dir / "notebooks"
     executed.mkdir(parents=True)
     nbformat.write(notebook, executed / "08_separation.ipynb")
-    [page] = write_report(profile)
+    [page] = write_report(load_params(profile))
     assert page == tmp_path / "out" / "report" / "08_separation.html"
     html = page.read_text()
     assert "<audio" in html and "data:audio/wav;base64" in html and "A player" in html

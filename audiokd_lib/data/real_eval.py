@@ -44,8 +44,9 @@ def search_dirs(params: Params) -> list[Path]:
     return [Path(folder).expanduser() for folder in found if folder]
 
 
-def _local(row: pd.Series, folders: list[Path]) -> tuple[Path | None, str]:
-    """A verified copy of the recording in one of the folders, or None with what was wrong."""
+def _local(row: pd.Series, folders: list[Path]) -> tuple[Path | None, str | None]:
+    """A verified copy of the recording in one of the folders (status "ok"); None with what was wrong with
+    a copy found; (None, None) when there is none."""
     for folder in folders:
         path = folder / row["file"]
         if path.is_file():
@@ -54,7 +55,7 @@ def _local(row: pd.Series, folders: list[Path]) -> tuple[Path | None, str]:
                 return path, "ok"
             return None, (f"{path} has SHA-256 {digest[:12]}..., expected {row['sha256'][:12]}...: another "
                           f"version; replace it with {row['url']} (it is left untouched)")
-    return None, "not found locally"
+    return None, None
 
 
 def prepare(params: Params, progress: bool = True) -> pd.DataFrame:
@@ -71,7 +72,7 @@ def prepare(params: Params, progress: bool = True) -> pd.DataFrame:
     paths, statuses, offline = [], [], None
     for _, row in table.iterrows():
         path, status = _local(row, folders)
-        if path is None and status == "not found locally":
+        if status is None:
             if not settings.download:
                 status = f"not found in {', '.join(map(str, folders))} and data.real_eval.download is false"
             elif offline is not None:

@@ -65,6 +65,14 @@ def _check(
     return y_true.astype(int), scores
 
 
+def _known(y_true: np.ndarray, multilabel: bool) -> np.ndarray | None:
+    """The mask of answered (clip, class) pairs of multi-label targets with unknown (NaN) answers; else None."""
+    if not multilabel:
+        return None
+    known = ~np.isnan(np.asarray(y_true, dtype=np.float64))
+    return None if known.all() else known
+
+
 def _probabilities(scores: np.ndarray, multilabel: bool) -> np.ndarray:
     """Sigmoid of multi-label logits; softmax of single-label logits (probabilities pass unchanged)."""
     if multilabel:
@@ -90,8 +98,8 @@ def classification_metrics(
     averages over the classes that occur in `y_true` (a split that holds only some classes, as the
     real recordings do), not over all of them.
     """
-    if multilabel and np.isnan(np.asarray(y_true, dtype=np.float64)).any():  # unknown answers (OpenMIC): skip them
-        known = ~np.isnan(np.asarray(y_true, dtype=np.float64))
+    known = _known(y_true, multilabel)
+    if known is not None:  # unknown answers (OpenMIC): skip them
         return masked_multilabel_metrics(np.nan_to_num(y_true).astype(int), np.asarray(scores), known, classes)
     y_true, scores = _check(y_true, scores, classes, multilabel)
     labels = sorted(set(y_true.tolist())) if present_only and not multilabel else list(range(len(classes)))
@@ -155,14 +163,15 @@ def per_class_report(y_true: np.ndarray, scores: np.ndarray, classes: list[str],
 
     Multi-label answers that are unknown (NaN) are left out of their class's row.
     """
-    if multilabel and np.isnan(np.asarray(y_true, dtype=np.float64)).any():
-        y_true, scores = np.asarray(y_true, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    known = _known(y_true, multilabel)
+    if known is not None:
+        y_true, scores = np.nan_to_num(np.asarray(y_true, dtype=np.float64)).astype(int), np.asarray(scores)
         predicted, rows = _predictions(scores, multilabel=True), {}
         for c, name in enumerate(classes):
-            known = ~np.isnan(y_true[:, c])
-            p, r, f, _ = precision_recall_fscore_support(y_true[known, c].astype(int), predicted[known, c],
+            answered = known[:, c]
+            p, r, f, _ = precision_recall_fscore_support(y_true[answered, c], predicted[answered, c],
                                                          average="binary", zero_division=0)
-            rows[name] = {"precision": p, "recall": r, "f1-score": f, "support": int(y_true[known, c].sum())}
+            rows[name] = {"precision": p, "recall": r, "f1-score": f, "support": int(y_true[answered, c].sum())}
         return pd.DataFrame(rows).T.astype({"support": int})[["precision", "recall", "f1-score", "support"]]
     y_true, scores = _check(y_true, scores, classes, multilabel)
     report = classification_report(
@@ -213,7 +222,7 @@ def pr_curve_figure(
 
     A class without a positive clip has no curve (recall is undefined) and is left out of the legend.
     """
-    known = ~np.isnan(np.asarray(y_true, dtype=np.float64)) if multilabel else None  # OpenMIC: unknown answers
+    known = _known(y_true, multilabel)  # OpenMIC: unknown answers
     if known is not None:
         y_true = np.nan_to_num(np.asarray(y_true, dtype=np.float64))
     y_true, scores = _check(y_true, scores, classes, multilabel)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment.params import Params, load_params
 from audiokd_lib.files import atomic_path, project_root, write_csv
 
 KERNEL = "python3"
@@ -115,7 +115,7 @@ def _save_times(path: Path, runs: list[NotebookRun]) -> None:
     write_csv(path, frame)
 
 
-def write_report(params_file: str | Path) -> list[Path]:
+def write_report(params: Params) -> list[Path]:
     """Every executed notebook of a profile as a standalone HTML page under outputs/<profile>/report/.
 
     nbconvert's JupyterLab template, with the outputs as they ran: tables, figures (embedded), the
@@ -123,7 +123,6 @@ def write_report(params_file: str | Path) -> list[Path]:
     """
     from nbconvert import HTMLExporter
 
-    params = load_params(params_file)
     executed = sorted((params.output_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not executed:
         raise FileNotFoundError(f"{params.output_dir / 'notebooks'}: no executed notebooks; run the profile first "

@@ -108,7 +108,7 @@ def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.
 
 
 def scores(model: Classifier, sets: dict[str, FeatureSet], splits: tuple[str, ...] = EVAL_SPLITS) -> dict[str, float]:
-    """The table's scores on the test and heldout splits (e.g. `heldout_macro_f1`), nothing saved."""
+    """The table's scores on the evaluation splits (e.g. `heldout_macro_f1`, `real_accuracy`), nothing saved."""
     results = {}
     for split in splits:
         if split in sets:
@@ -132,7 +132,7 @@ def _split_metrics(data: FeatureSet, y, logits) -> dict[str, float]:
 
 def evaluate(params: Params, model: Classifier, sets: dict[str, FeatureSet], name: str
              ) -> tuple[dict[str, float], list[Path]]:
-    """Metrics on the test and heldout splits, with per-class reports and figures saved."""
+    """Metrics on the test, heldout and real splits, with per-class reports and figures saved."""
     results, artifacts = {}, []
     out = model_dir(params, name)
     for split in EVAL_SPLITS:

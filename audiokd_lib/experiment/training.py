@@ -148,7 +148,6 @@ def cached_features(params: Params, table: pd.DataFrame, split: str, model: Clas
                       skipped.errors, cache_file=str(path))
 
 
-
 def cached_windows(params: Params, table: pd.DataFrame, model: Classifier, key: str, classes: list[str],
                    progress: bool = True) -> FeatureSet:
     """Features of every non-silent window of each recording in `table` (path, label), cached like clips.
@@ -207,9 +206,9 @@ def predict_files(model: Classifier, data: FeatureSet) -> tuple[np.ndarray, np.n
     logits = predict(model, data)
     if data.groups is None:
         return data.targets.numpy(), logits.numpy()
-    files = data.groups.unique()
-    probs = torch.stack([combine(logits[data.groups == g], data.multilabel) for g in files])
-    first = torch.stack([(data.groups == g).nonzero()[0, 0] for g in files])
+    counts = torch.bincount(data.groups).tolist()  # a recording's windows are consecutive (cached_windows)
+    probs = torch.stack([combine(windows, data.multilabel) for windows in logits.split(counts)])
+    first = torch.tensor(counts).cumsum(0) - torch.tensor(counts)
     scores = torch.logit(probs, eps=1e-6) if data.multilabel else probs.clamp_min(1e-12).log()
     return data.targets[first].numpy(), scores.numpy()
 
