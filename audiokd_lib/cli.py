@@ -4,6 +4,7 @@
               [--set kd.temperature=4 train.epochs=30]       ... with settings changed (a=1,2: one run each)
   audiokd mlflow [--profile quick] [--port 5000]              the MLflow UI on a profile's store (127.0.0.1)
   audiokd report [--profile quick]                            executed notebooks as HTML pages
+  torchrun ... -m audiokd_lib fit JOB                         one process of a data-parallel run (torchrun starts it)
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     ui = commands.add_parser("mlflow", help="the MLflow UI on a profile's store, on this machine only")
     ui.add_argument("--profile", default="quick", help="profile name or params file (default: %(default)s)")
     ui.add_argument("--port", type=int, default=5000)
+    fit = commands.add_parser("fit", help="one process of a run trained data-parallel: started by torchrun on "
+                                          "a job file that training writes when distributed.processes > 1")
+    fit.add_argument("job", metavar="JOB", help="the run's job.pt")
     classify = commands.add_parser("classify", help="print the top classes of audio files")
     classify.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
     classify.add_argument("--model", required=True,
@@ -81,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(page)
         elif args.command == "mlflow":
             return _mlflow_ui(args)
+        elif args.command == "fit":
+            from audiokd_lib.experiment.runs import fit_job_file
+
+            fit_job_file(args.job)
         elif args.command == "classify":
             return _classify(args)
         elif args.command == "bench":

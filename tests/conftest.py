@@ -30,6 +30,30 @@ def smoke_profile(tmp_path: Path) -> Path:
     return write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n", "smoke")
 
 
+@pytest.fixture
+def tiny(smoke_profile):
+    """(params, classes, stats, data): a smoke-profile student's settings on 4 classes, and a synthetic,
+    learnable feature set of 64 clips."""
+    import torch
+
+    from audiokd_lib.audio.features import NormStats
+    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.experiment.training import FeatureSet
+
+    params = load_params(smoke_profile)
+    # 32 steps in all: BatchNorm's running statistics must follow fast to be usable in eval mode.
+    params = params.model_copy(update={"student": params.student.model_copy(update={"bn_momentum": 0.5})})
+    classes = ["a", "b", "c", "d"]
+    stats = NormStats(torch.full((128,), -5.0), torch.full((128,), 2.0), 1, [], "f", "d")
+    gen = torch.Generator().manual_seed(1)
+    targets = torch.arange(64) % 4
+    feats = torch.randn(64, 1, 128, 40, generator=gen) - 6
+    for c in range(4):  # each class lights its own band of mel bins
+        feats[targets == c, :, 30 * c:30 * c + 20, :] += 4
+    data = FeatureSet(feats, targets, [f"clip{i}" for i in range(64)], classes, "fp")
+    return params, classes, stats, data
+
+
 @pytest.fixture(scope="session")
 def tiny_student():
     """Build an untrained student of the smoke profile, in eval mode: `tiny_student(classes, seed=0, **student)`.

@@ -47,23 +47,6 @@ def test_soft_targets_round_trip_to_logits():
         assert torch.allclose(probs, again, atol=1e-5)
 
 
-@pytest.fixture
-def tiny(smoke_profile):
-    """A smoke-profile student on 4 classes and a synthetic, learnable feature set."""
-    params = load_params(smoke_profile)
-    # 32 steps in all: BatchNorm's running statistics must follow fast to be usable in eval mode.
-    params = params.model_copy(update={"student": params.student.model_copy(update={"bn_momentum": 0.5})})
-    classes = ["a", "b", "c", "d"]
-    stats = NormStats(torch.full((128,), -5.0), torch.full((128,), 2.0), 1, [], "f", "d")
-    gen = torch.Generator().manual_seed(1)
-    targets = torch.arange(64) % 4
-    feats = torch.randn(64, 1, 128, 40, generator=gen) - 6
-    for c in range(4):  # each class lights its own band of mel bins
-        feats[targets == c, :, 30 * c:30 * c + 20, :] += 4
-    data = FeatureSet(feats, targets, [f"clip{i}" for i in range(64)], classes, "fp")
-    return params, classes, stats, data
-
-
 def test_feature_augment_keeps_shapes_and_label_mass(tiny):
     params, classes, stats, data = tiny
     model = students.build_student(params, classes, stats)

@@ -10,6 +10,8 @@ happens between epochs is the same for both and is written once here (:class:`Ep
 - after every epoch the whole state (weights, optimiser, schedule, history, random generators) is
   written to `last.pt` atomically, so an interrupted run resumes exactly where it stopped. The file
   holds only tensors and plain Python values, so it is read back with torch's weights-only loader.
+  In data-parallel training (:mod:`~audiokd_lib.experiment.distributed`) rank 0 writes it and every
+  process resumes from it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from audiokd_lib.experiment.distributed import is_main
 from audiokd_lib.files import atomic_path
 
 
@@ -133,6 +136,8 @@ class EpochLoop:
         self.model.load_state_dict(self.best["state"])
 
     def _save(self) -> None:
+        if not is_main():  # the processes of a data-parallel run hold the same state: one writes it
+            return
         state = {"settings": self.settings, "model": self.model.state_dict(), "history": self.history,
                  "best": self.best, "bad_epochs": self.bad_epochs, "torch_rng": torch.get_rng_state(),
                  **{name: _state_of(thing) for name, thing in self.stateful.items()}}
@@ -150,4 +155,5 @@ class EpochLoop:
             _restore(thing, state[name])
         self.history, self.best, self.bad_epochs = state["history"], state["best"], state["bad_epochs"]
         torch.set_rng_state(state["torch_rng"])  # dropout draws from torch's global generator
-        print(f"resuming {self.last.parent.name} after epoch {len(self.history)} ({self.elapsed:.0f} s spent)")
+        if is_main():
+            print(f"resuming {self.last.parent.name} after epoch {len(self.history)} ({self.elapsed:.0f} s spent)")

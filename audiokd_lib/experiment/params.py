@@ -340,6 +340,12 @@ class SeparationParams(_Section):
     detector_solo_stems: int = Field(0, ge=0)
 
 
+class DistributedParams(_Section):
+    # Several processes train one run data-parallel (experiment/distributed.py), started by torchrun:
+    # one per GPU on a GPU machine. 1: a run trains in one process.
+    processes: int = Field(1, ge=1, description="processes (GPUs, or CPU cores) that train one run together")
+
+
 class Params(_Section):
     profile: str
     seed: int = 0
@@ -349,6 +355,7 @@ class Params(_Section):
     # on 2 threads than on 1 (docs/measurements.md): N runs go to N processes of one thread each.
     workers: int | None = Field(None, ge=1, description="processes training runs side by side; "
                                 "null: one per CPU core on a CPU, one on a GPU")
+    distributed: DistributedParams = DistributedParams()
     notebooks: list[str] | Literal["all"] = "all"  # which notebooks `audiokd run` executes
     data: DataParams = DataParams()
     features: FeatureParams = FeatureParams()

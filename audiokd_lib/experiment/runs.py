@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from audiokd_lib.compress import prune
 from audiokd_lib.compress.export import head_module
 from audiokd_lib.data import real_eval
 from audiokd_lib.data.tables import fingerprint
-from audiokd_lib.experiment import metrics, tracking
+from audiokd_lib.experiment import distributed, metrics, tracking
 from audiokd_lib.experiment.params import KDParams, Params, TrainParams
 from audiokd_lib.experiment.training import FeatureSet, FitResult, cached_features, cached_windows, fit, predict_files
 from audiokd_lib.files import atomic_path, write_json
@@ -235,8 +236,12 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
         else:
             rows[job.name] = row
     workers = min(workers or params.workers or _default_workers(), len(todo))
+    processes = params.distributed.processes
     results = {}
-    if workers <= 1:
+    if processes > 1:  # one run at a time, trained by several processes together (torchrun, data-parallel)
+        for job in todo:
+            results[job.name] = _fit_with_torchrun(params, job, _job_sets(job, sets), tp)
+    elif workers <= 1:
         for job in todo:
             results[job.name] = _fit_job(params, job, _job_sets(job, sets)["train"], sets["val"], tp, progress)
     else:
@@ -250,6 +255,7 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
                 results[job.name] = result
                 print(f"{job.name}: best val {result.metric} {result.best_score:.3f} at epoch {result.best_epoch} "
                       f"of {len(result.history)} ({result.history['seconds'].sum():.0f} s)")
+    if processes > 1 or workers > 1:  # trained in other processes: their best weights are in fitted.pt
         for job in todo:
             fitted = _run_dir(params, job) / "fitted.pt"
             job.model.load_state_dict(torch.load(fitted, weights_only=True))
@@ -325,8 +331,10 @@ def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Tra
     kd = None if job.kd is None else [job.kd.temperature, job.kd.alpha]
     # The weights it starts from: a pruned student re-trained from another parent is another run.
     start = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in job.model.state_dict().values()))
+    # Data-parallel training normalises slices of each batch (BatchNorm): another run than one process's.
+    processes = {} if tp is None or params.distributed.processes == 1 else {"processes": params.distributed.processes}
     key = run_key(params, job.role, job.seed, tp, sets_fingerprint(sets),
-                  {**_job_tags(job), "kd": kd, "start": start.hexdigest()[:12]})
+                  {**_job_tags(job), "kd": kd, "start": start.hexdigest()[:12], **processes})
     row = _reuse_or_prepare(params, job.role, job.name, key)
     if row is not None:
         job.model = load_checkpoint(checkpoint_path(params, job.name))
@@ -337,9 +345,9 @@ def _reuse_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Tra
 
 
 def _fit_job(params: Params, job: RunJob, train: FeatureSet, val: FeatureSet, tp: TrainParams,
-             progress: bool) -> FitResult:
+             progress: bool, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
     return fit(job.model, train, val, tp, params, job.seed, _run_dir(params, job), teacher=job.teacher,
-               teacher_logits=job.teacher_logits, kd=job.kd, progress=progress)
+               teacher_logits=job.teacher_logits, kd=job.kd, on_epoch=on_epoch, progress=progress)
 
 
 def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> bytes:
@@ -350,15 +358,63 @@ def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp
     return buffer.getvalue()
 
 
-def _fit_in_worker(payload: bytes) -> FitResult:
-    """Runs in a worker process: train one job and leave its best weights in `fitted.pt`."""
+def _fit_in_worker(payload: bytes, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Runs in a worker process: train one job and leave its best weights in `fitted.pt` (rank 0 of a
+    data-parallel run writes them)."""
     work = torch.load(io.BytesIO(payload), weights_only=False)  # made a moment ago by our own parent process
     params, job = work["params"], work["job"]
     torch.set_num_threads(params.threads)
-    result = _fit_job(params, job, work["train"], work["val"], work["tp"], progress=False)
-    with atomic_path(_run_dir(params, job) / "fitted.pt") as tmp:
-        torch.save(job.model.state_dict(), tmp)
+    result = _fit_job(params, job, work["train"], work["val"], work["tp"], progress=False, on_epoch=on_epoch)
+    if distributed.is_main():
+        with atomic_path(_run_dir(params, job) / "fitted.pt") as tmp:
+            torch.save(job.model.state_dict(), tmp)
     return result
+
+
+def write_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> Path:
+    """Everything training one run needs (settings, model, training and validation clips), saved as the run
+    folder's `job.pt`: what `torchrun ... -m audiokd_lib fit JOB` trains, on one machine or several."""
+    job_file = _run_dir(params, job) / "job.pt"
+    with atomic_path(job_file) as tmp:
+        tmp.write_bytes(_worker_payload(params, job, sets, tp))
+    return job_file
+
+
+def _fit_with_torchrun(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> FitResult:
+    """Train one job on `distributed.processes` processes: its job file written, torchrun started on it
+    (:func:`fit_job_file` in every process), the result read back."""
+    job_file = write_job(params, job, sets, tp)
+    distributed.launch(job_file, params.distributed.processes, params.threads)
+    result_file = job_file.with_name("result.pt")
+    result = torch.load(result_file, weights_only=False)  # written by our own training processes
+    job_file.unlink()
+    result_file.unlink()
+    return result
+
+
+def fit_job_file(job_file: str | Path) -> None:
+    """`audiokd fit JOB`, in each process torchrun starts: train the saved job together, data-parallel.
+
+    Rank 0 prints each epoch and leaves the best weights (`fitted.pt`) and the result (`result.pt`)
+    beside the job file, where :func:`train_many` reads them.
+    """
+    job_file = Path(job_file)
+    if not job_file.is_file():
+        raise FileNotFoundError(f"{job_file}: no such job file; train_many writes one per run when "
+                                "distributed.processes is above 1")
+    distributed.init_from_torchrun()
+    try:
+        def report(row: dict) -> None:
+            if distributed.is_main():
+                print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                      flush=True)
+
+        result = _fit_in_worker(job_file.read_bytes(), on_epoch=report)
+        if distributed.is_main():
+            with atomic_path(job_file.with_name("result.pt")) as tmp:
+                torch.save(result, tmp)
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def log_model(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,

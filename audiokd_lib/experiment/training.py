@@ -16,6 +16,9 @@ What the loop does, in the order a reader meets it:
   written to `last.pt`, so an interrupted run resumes where it stopped. The epochs, early stopping
   and `last.pt` are :mod:`~audiokd_lib.experiment.loop`'s, shared with the separator's training.
 
+With `distributed.processes` above 1 a run is trained data-parallel by several processes (GPUs, or
+CPU cores), each taking its slice of every batch: :mod:`~audiokd_lib.experiment.distributed`.
+
 Distillation (:func:`distillation_loss`) follows Hinton et al. (2015). In `cached` mode the teacher's
 logits on the clean clips are computed once and looked up; in `consistent` mode (Beyer et al., 2022)
 the teacher sees exactly the augmented, cropped, mixed batch the student sees.
@@ -39,8 +42,9 @@ from tqdm.auto import tqdm
 from audiokd_lib.audio import augment
 from audiokd_lib.audio.features import SkippedFiles, iter_clips
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
+from audiokd_lib.compress.export import head_module
 from audiokd_lib.compress.prune import recalibrate_batchnorm
-from audiokd_lib.experiment import metrics
+from audiokd_lib.experiment import distributed, metrics
 from audiokd_lib.experiment.loop import EpochLoop
 from audiokd_lib.experiment.losses import hard_loss
 from audiokd_lib.experiment.params import KDParams, Params, TrainParams
@@ -362,6 +366,10 @@ def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tens
     return loss.detach()
 
 
+def _weighted(loss_fn: Callable[[torch.Tensor], torch.Tensor], weight: float, logits: torch.Tensor) -> torch.Tensor:
+    return weight * loss_fn(logits)
+
+
 def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, params: Params, seed: int,
         run_dir: str | Path, *, teacher: Classifier | None = None, teacher_logits: torch.Tensor | None = None,
         kd: KDParams | None = None, on_epoch: Callable[[dict], None] | None = None,
@@ -376,10 +384,13 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
     """
     if kd is not None and (teacher is None) == (teacher_logits is None):
         raise ValueError("distillation needs exactly one of `teacher` (consistent) or `teacher_logits` (cached)")
-    torch.manual_seed(seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, processes = distributed.rank_and_size()
+    progress = progress and rank == 0
+    torch.manual_seed(seed + rank)  # dropout: each process its own draws
+    device = distributed.device()
     cuda = device.type == "cuda"
     model.to(device)
+    net = distributed.wrap(model, head_module(model))  # `model` itself, or DDP around its head
     if teacher is not None:
         teacher.to(device).eval()
     # An unstructured-pruned model re-trains with its zeros kept: they are put back after every step.
@@ -409,6 +420,8 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
         batches = [order[i:i + tp.batch_size] for i in range(0, len(train), tp.batch_size)]
         for idx in tqdm(batches, desc=f"epoch {epoch + 1}/{tp.epochs}", disable=not progress, leave=False):
             x, y, probs = aug(train.features[idx], train.targets[idx], None if soft is None else soft[idx])
+            if processes > 1:  # every process augmented the same batch; each keeps its slice
+                x, y, probs = distributed.shard(x), distributed.shard(y), distributed.shard(probs)
             x, y = x.to(device), y.to(device)
             if kd is None:
                 loss_fn = partial(hard_loss, targets=y, multilabel=train.multilabel,
@@ -420,12 +433,16 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
                                 else logits_at(probs.to(device), kd.temperature, train.multilabel))
                 loss_fn = partial(distillation_loss, teacher=t_logits, targets=y, temperature=kd.temperature,
                                   alpha=kd.alpha, multilabel=train.multilabel)
-            loss = train_step(model, x, loss_fn, optimizer, scheduler, scaler)
+            if processes > 1:  # DDP averages the slices' gradients: weighted, that is the batch's mean gradient
+                loss_fn = partial(_weighted, loss_fn, distributed.shard_weight(len(idx)))
+            loss = train_step(net, x, loss_fn, optimizer, scheduler, scaler)
             with torch.no_grad():
                 for weight, mask in zeros:
                     weight.mul_(mask)
-            total += loss.item() * len(idx)
+            total += loss.item() * len(idx) / processes  # summed over the processes: the batch's total
             seen += len(idx)
+        [total] = distributed.total(total)
+        distributed.average_buffers(model)  # BatchNorm statistics: every process validates the same model
         val_logits = predict(model, val)
         val_loss = hard_loss(val_logits, val.targets, val.multilabel).item()
         _, val_score = score(val, val_logits)
@@ -440,6 +457,7 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
         recalibrated = recalibrate_batchnorm(model, train.features, tp.recalibrate_batches, tp.batch_size)
         model.load_state_dict(recalibrated.state_dict())
     model.eval()
-    write_json(Path(run_dir) / "history.json", loop.history)
+    if rank == 0:
+        write_json(Path(run_dir) / "history.json", loop.history)
     return FitResult(pd.DataFrame(loop.history), loop.best["epoch"], loop.best["score"], metric,
                      stopped_early=len(loop.history) < tp.epochs)
