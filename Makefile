@@ -18,6 +18,7 @@ run: setup
 	$(BIN)/python -m audiokd_lib run --params params/$(PROFILE).yaml $(if $(FROM),--from $(FROM)) $(if $(SET),--set $(SET))
 
 test: setup
+	bash scripts/install-system-deps.sh --browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP)

@@ -13,7 +13,7 @@ import nbformat
 import pandas as pd
 import pytest
 import soundfile as sf
-from conftest import ROOT
+from conftest import ROOT, write_profile
 
 from audiokd_lib.data import real_eval
 from audiokd_lib.experiment import report, runs
@@ -40,9 +40,19 @@ def test_pair_in_sync_and_without_outputs(name):
     assert any("parameters" in cell.metadata.get("tags", []) for cell in paired.cells), "no `parameters` cell"
 
 
-def test_every_notebook_runs_with_the_smoke_profile(smoke_profile):
+@pytest.fixture(scope="module")
+def smoke_chain(tmp_path_factory) -> tuple[Path, list]:
+    """(profile, executed notebooks): one papermill run of the whole chain on the smoke profile, shared by
+    the tests of what it leaves behind."""
+    folder = tmp_path_factory.mktemp("smoke")
+    profile = write_profile(folder, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {folder / 'outputs'}\n",
+                            "smoke")
+    return profile, run_notebooks(profile, log=lambda *_: None)
+
+
+def test_every_notebook_runs_with_the_smoke_profile(smoke_chain):
     """One papermill run of the whole chain, as CI's smoke profile does it, and what it must leave behind."""
-    executed = run_notebooks(smoke_profile, log=lambda *_: None)
+    smoke_profile, executed = smoke_chain
     assert [r.name for r in executed] == notebook_names()
     params = load_params(smoke_profile)
     outputs = params.output_dir
@@ -56,6 +66,78 @@ def test_every_notebook_runs_with_the_smoke_profile(smoke_profile):
         assert len(detectors) == 2 and detectors["real recall"].between(0, 1).all()
     check_kd_sweep(smoke_profile)
     check_real_ablation(smoke_profile)
+
+
+def _headless_chromium():
+    """A WebDriver on headless Chromium (Debian's `chromium` and `chromium-driver`), or a skip saying what is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("no headless browser: install Debian's chromium and chromium-driver "
+                    "(`make test` does as root: scripts/install-system-deps.sh --browser)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # A test machine has no sound card and no user to click play: muted playback, allowed without a gesture.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--mute-audio",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(options=options, service=Service(driver))
+
+
+# In the page: wait for every <audio> element's metadata, play the first for a moment, report what happened.
+PLAY_EVERY_PLAYER = """
+const done = arguments[arguments.length - 1];
+const players = [...document.querySelectorAll('audio')];
+const ready = a => a.readyState >= 1 ? Promise.resolve() : new Promise((ok, fail) => {
+  a.addEventListener('loadedmetadata', ok, {once: true});
+  a.addEventListener('error', () => fail(new Error('cannot load: code ' + (a.error && a.error.code))), {once: true});
+});
+Promise.all(players.map(ready)).then(async () => {
+  if (!players.length) return done({count: 0});
+  await players[0].play();
+  await new Promise(wait => setTimeout(wait, 500));
+  done({count: players.length, durations: players.map(a => a.duration), played: players[0].currentTime,
+        paused: players[0].paused});
+}).catch(err => done({error: String(err)}));
+"""
+
+
+def test_the_report_plays_the_listening_player_in_a_browser(smoke_chain):
+    """`make report`'s page of notebook 08 in headless Chromium, served from 127.0.0.1: it loads with no
+    console error (nothing fetched from the internet), and its audio players load and play."""
+    import functools
+    import http.server
+    import threading
+
+    from audiokd_lib.experiment.pipeline import write_report
+
+    profile, _ = smoke_chain
+    pages = write_report(load_params(profile))
+    folder = pages[0].parent
+    assert [p.name for p in pages] == [f"{name}.html" for name in notebook_names()]
+    driver = _headless_chromium()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        driver.set_script_timeout(60)
+        driver.get(f"http://127.0.0.1:{server.server_port}/08_separation.html")
+        heard = driver.execute_async_script(PLAY_EVERY_PLAYER)
+        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+        server.shutdown()
+    assert not errors, errors
+    assert "error" not in heard, heard
+    # 08 draws the first piece's table: the mixture, and each chosen stem beside its true group
+    assert heard["count"] >= 1 and all(d > 0 for d in heard["durations"]), heard
+    assert heard["played"] > 0 and not heard["paused"], heard
 
 
 def check_kd_sweep(profile: Path) -> None:

@@ -9,6 +9,7 @@ notebook, names the notebook and the cell, and says how to resume from there.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,22 +116,37 @@ def _save_times(path: Path, runs: list[NotebookRun]) -> None:
     write_csv(path, frame)
 
 
-def write_report(params: Params) -> list[Path]:
-    """Every executed notebook of a profile as a standalone HTML page under outputs/<profile>/report/.
+REPORT_TEMPLATES = Path(__file__).resolve().parents[1] / "report_template"
+# MathJax 2.7 as Jupyter's own package serves it offline (jupyter-server-mathjax), with the configuration
+# the notebook pages use by default.
+MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 
-    nbconvert's JupyterLab template, with the outputs as they ran: tables, figures (embedded), the
-    audio players (HTML <audio> elements with their sound inside) and the saved state of any widget.
+
+def write_report(params: Params) -> list[Path]:
+    """Every executed notebook of a profile as an HTML page under outputs/<profile>/report/, readable offline.
+
+    nbconvert's JupyterLab page with the outputs as they ran: tables, figures (embedded), the audio
+    players (HTML <audio> elements with their sound inside). Nothing is fetched from the internet: the
+    `offline` template drops the CDN scripts (require.js, the widget renderer), and MathJax is copied
+    beside the pages, so the folder can be opened or served anywhere. Widgets stay blank; notebook 08
+    draws its players as plain HTML too.
     """
+    import jupyter_server_mathjax
     from nbconvert import HTMLExporter
 
     executed = sorted((params.output_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if not executed:
         raise FileNotFoundError(f"{params.output_dir / 'notebooks'}: no executed notebooks; run the profile first "
                                 f"(make run PROFILE={params.profile})")
-    exporter, pages = HTMLExporter(template_name="lab"), []
+    folder = params.output_dir / "report"
+    mathjax = Path(jupyter_server_mathjax.__file__).parent / "static"
+    shutil.copytree(mathjax, folder / "mathjax", dirs_exist_ok=True)
+    exporter = HTMLExporter(template_name="offline", extra_template_basedirs=[str(REPORT_TEMPLATES)],
+                            mathjax_url=MATHJAX_URL)
+    pages = []
     for notebook in executed:
         body, _ = exporter.from_filename(str(notebook))
-        with atomic_path(params.output_dir / "report" / f"{notebook.stem}.html") as tmp:
+        with atomic_path(folder / f"{notebook.stem}.html") as tmp:
             tmp.write_text(body, encoding="utf-8")
-        pages.append(params.output_dir / "report" / f"{notebook.stem}.html")
+        pages.append(folder / f"{notebook.stem}.html")
     return pages
