@@ -43,6 +43,7 @@ import torch_pruning
 from IPython.display import Image, display
 from torch import nn
 from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
 
 from audiokd_lib.compress import prune
 from audiokd_lib.data import tables
@@ -300,7 +301,7 @@ settings += [("structured", ratio, prune_channels(student, ratio, example, param
              for ratio in params.prune.channel_ratios]
 curves = pd.DataFrame([{"kind": kind, "amount": amount, "BatchNorm": stage, **runs.scores(model, sets),
                         "non-zero MACs": prune.nonzero_macs(model, example)}
-                       for kind, amount, pruned in settings
+                       for kind, amount, pruned in tqdm(settings, desc="sensitivity")
                        for stage, model in (("as trained", pruned), ("recalibrated", recalibrated(pruned)))])
 curves = curves.rename(columns=runs.TABLE_COLUMNS)
 display(curves.round(3))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from audiokd_lib.experiment.params import Params
 from audiokd_lib.experiment.training import FeatureSet, predict
@@ -30,7 +31,8 @@ def cache_teacher_logits(params: Params, teacher: Classifier, checkpoint: Path, 
     """
     saved = {"identity": teacher.spec["identity"], "checkpoint_sha256": file_digest(checkpoint),
              "classes": teacher.classes,
-             "splits": {s: {"paths": d.paths, "logits": predict(teacher, d)} for s, d in sets.items()}}
+             "splits": {s: {"paths": d.paths, "logits": predict(teacher, d)}
+                        for s, d in tqdm(sets.items(), desc="teacher logits", unit="split")}}
     path = teacher_logits_path(params)
     with atomic_path(path) as tmp:
         torch.save(saved, tmp)
