@@ -8,9 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from audiokd_lib.experiment import distributed, runs, training
-from audiokd_lib.experiment.params import DistributedParams
+from audiokd_lib.experiment import distributed, runs, tracking, training
+from audiokd_lib.experiment.params import DistributedParams, load_params
 from audiokd_lib.models import students
+from audiokd_lib.separation import crnn, separator
+
+from test_separate import pieces  # noqa: F401  (the fixture: four tiny rendered pieces)
 
 
 def _recipe(params, epochs: int):
@@ -106,3 +109,75 @@ def test_a_data_parallel_run_resumes_from_its_last_epoch(tiny, tmp_path, capsys)
     assert "resuming resumed after epoch 2" in capsys.readouterr().out
     assert [r["train_loss"] for r in longer[:2]] == [r["train_loss"] for r in first]
     assert len(longer) == 3
+
+
+def _separator_params(tmp_path, processes: int, **crnn_settings):
+    from conftest import ROOT, write_profile
+    from test_separate import RATE, TINY
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    settings = ", ".join(f"{key}: {value}" for key, value in TINY.model_copy(update=crnn_settings).model_dump().items()
+                         if value is not None)
+    profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n"
+                                      f"data: {{pieces: {{sample_rate: {RATE}}}}}\n"
+                                      f"distributed: {{processes: {processes}}}\n"
+                                      f"separation: {{crnn: {{{settings}}}}}\n", f"sep{processes}")
+    return load_params(profile)
+
+
+@pytest.mark.slow
+def test_the_separator_trains_on_two_processes(pieces, tmp_path, capsys):
+    one = runs.train_separator(_separator_params(tmp_path / "one", 1, epochs=3), pieces, progress=False)
+    params = _separator_params(tmp_path / "two", 2, epochs=3)
+    two = runs.train_separator(params, pieces, progress=False)
+    assert "torchrun --standalone --nproc-per-node=2 -m audiokd_lib fit" in capsys.readouterr().out
+    assert two["epochs_run"] == 3 and two["stopped"] == "epochs" and two["macs"] == one["macs"]
+    losses = [[row["train_loss"] for row in torch.load(tracking.artifact_path(run, "model.pt"))["history"]]
+              for run in (one, two)]
+    # The same batches, each process normalising its half by its own BatchNorm statistics: close, not equal.
+    assert losses[1] == pytest.approx(losses[0], rel=0.25)
+    found = separator.open_separator("crnn", params)  # rank 0's checkpoint, where `audiokd separate` finds it
+    assert found.spec == crnn.build_crnn(params.separation.crnn, params.data.pieces.sample_rate).spec
+
+
+def _collectives(rank: int, init_file: str, results: str) -> None:
+    """One of two gloo processes: what each collective helper gives on this rank, saved for the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        norm = torch.nn.BatchNorm1d(1)
+        norm.running_mean.fill_(float(rank))  # 0 and 1: averaged, 0.5 in both
+        distributed.average_buffers(norm)
+        found = {"rank_and_size": distributed.rank_and_size(), "main": distributed.is_main(),
+                 "slice": distributed.shard(torch.arange(5)).tolist(), "weight": distributed.shard_weight(5),
+                 "empty_slice": distributed.shard(torch.arange(1)).tolist(), "empty_weight": distributed.shard_weight(1),
+                 "vote": distributed.any_process(rank == 1), "no_vote": distributed.any_process(False),
+                 "total": distributed.total(float(rank + 1), 2.0), "running_mean": norm.running_mean.item()}
+        torch.save(found, f"{results}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_the_collective_helpers_on_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_collectives, args=(str(tmp_path / "init"), str(tmp_path / "found")), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"found.{rank}") for rank in (0, 1))
+    assert zero["rank_and_size"] == (0, 2) and one["rank_and_size"] == (1, 2) and zero["main"] and not one["main"]
+    assert zero["slice"] == [0, 1, 2] and one["slice"] == [3, 4]  # contiguous, the first one longer
+    assert zero["weight"] == pytest.approx(6 / 5) and one["weight"] == pytest.approx(4 / 5)  # 3/5 and 2/5 of 2
+    # A batch of one: the second process takes that example too, weighted zero.
+    assert zero["empty_slice"] == one["empty_slice"] == [0] and (zero["empty_weight"], one["empty_weight"]) == (2, 0)
+    assert zero["vote"] and one["vote"] and not zero["no_vote"]  # one process's "time is up" stops both
+    assert zero["total"] == one["total"] == [3.0, 4.0] and zero["running_mean"] == one["running_mean"] == 0.5
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_a_data_parallel_run(pieces, tmp_path):
+    # Each process checks the budget after every step, and they vote (distributed.any_process): all stop
+    # at the same step.
+    params = _separator_params(tmp_path, 2, epochs=1000, patience=1000, time_budget_s=3.0)
+    row = runs.train_separator(params, pieces, progress=False)
+    assert row["stopped"] == "time budget" and 1 <= row["epochs_run"] < 1000

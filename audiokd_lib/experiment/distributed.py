@@ -27,6 +27,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,6 +105,38 @@ def wrap(model: nn.Module, head: nn.Module) -> nn.Module:
     # before every forward pass: an average of the slices' statistics is the global batch's mean.
     return _Replica(head, device_ids=[device().index] if torch.cuda.is_available() else None,
                     broadcast_buffers=False)
+
+
+class _Call(nn.Module):
+    """`fn(model, *args)` as a module's forward, for DDP to wrap (it averages the gradients of what its
+    forward computed)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.model, *args)
+
+
+def parallel(model: nn.Module, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`fn(model, ...)` as a function of the rest; across processes it runs inside DDP, so that the
+    gradients of what it returns (a loss) are averaged. For a model trained through a function of it
+    rather than its forward, such as the CRNN through its loss."""
+    if rank_and_size()[1] == 1:
+        return partial(fn, model)
+    return DistributedDataParallel(_Call(model, fn), device_ids=[device().index] if torch.cuda.is_available() else None,
+                                   broadcast_buffers=False)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds in any process: a decision all of them must take together (a time budget
+    spent in one of them stops every one, or the others would wait for it for ever)."""
+    if rank_and_size()[1] == 1:
+        return flag
+    vote = torch.tensor([int(flag)], device=device())
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
 
 
 def average_buffers(module: nn.Module) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from audiokd_lib.experiment.distributed import is_main
+from audiokd_lib.experiment.distributed import any_process, is_main
 from audiokd_lib.files import atomic_path
 
 
@@ -96,8 +96,10 @@ class EpochLoop:
 
     def time_is_up(self) -> bool:
         """Whether the time budget is spent, counting the epoch under way; never without a budget."""
+        if self.time_budget_s is None:
+            return False
         running = 0.0 if self._started is None else time.perf_counter() - self._started
-        return self.time_budget_s is not None and self.elapsed + running >= self.time_budget_s
+        return any_process(self.elapsed + running >= self.time_budget_s)  # data-parallel: all stop together
 
     @property
     def stopped(self) -> str:

@@ -354,7 +354,8 @@ def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp
     # torch.save rather than the pool's own pickling: tensors then travel inside the bytes, not through
     # /dev/shm (64 MB in a default Docker container). Feature sets travel as their cache file's path.
     buffer = io.BytesIO()
-    torch.save({"params": params, "job": job, "train": sets["train"], "val": sets["val"], "tp": tp}, buffer)
+    torch.save({"kind": "classifier", "params": params, "job": job, "train": sets["train"], "val": sets["val"],
+                "tp": tp}, buffer)
     return buffer.getvalue()
 
 
@@ -372,18 +373,17 @@ def _fit_in_worker(payload: bytes, on_epoch: Callable[[dict], None] | None = Non
 
 
 def write_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> Path:
-    """Everything training one run needs (settings, model, training and validation clips), saved as the run
-    folder's `job.pt`: what `torchrun ... -m audiokd_lib fit JOB` trains, on one machine or several."""
+    """Everything training one classifier run needs (settings, model, training and validation clips), saved
+    as the run folder's `job.pt`: what `torchrun ... -m audiokd_lib fit JOB` trains, on one machine or several."""
     job_file = _run_dir(params, job) / "job.pt"
     with atomic_path(job_file) as tmp:
         tmp.write_bytes(_worker_payload(params, job, sets, tp))
     return job_file
 
 
-def _fit_with_torchrun(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> FitResult:
-    """Train one job on `distributed.processes` processes: its job file written, torchrun started on it
-    (:func:`fit_job_file` in every process), the result read back."""
-    job_file = write_job(params, job, sets, tp)
+def _with_torchrun(params: Params, job_file: Path):
+    """Train a job file on `distributed.processes` processes (:func:`fit_job_file` in every one) and return
+    the result rank 0 left beside it; both files are removed."""
     distributed.launch(job_file, params.distributed.processes, params.threads)
     result_file = job_file.with_name("result.pt")
     result = torch.load(result_file, weights_only=False)  # written by our own training processes
@@ -392,15 +392,20 @@ def _fit_with_torchrun(params: Params, job: RunJob, sets: dict[str, FeatureSet],
     return result
 
 
+def _fit_with_torchrun(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> FitResult:
+    return _with_torchrun(params, write_job(params, job, sets, tp))
+
+
 def fit_job_file(job_file: str | Path) -> None:
     """`audiokd fit JOB`, in each process torchrun starts: train the saved job together, data-parallel.
 
-    Rank 0 prints each epoch and leaves the best weights (`fitted.pt`) and the result (`result.pt`)
-    beside the job file, where :func:`train_many` reads them.
+    A job is a classifier run (:func:`write_job`) or the separator's (:func:`train_separator`). Rank 0
+    prints each epoch and leaves the best weights (`fitted.pt` or the CRNN's checkpoint) and the result
+    (`result.pt`) beside the job file, where the process that wrote the job reads them.
     """
     job_file = Path(job_file)
     if not job_file.is_file():
-        raise FileNotFoundError(f"{job_file}: no such job file; train_many writes one per run when "
+        raise FileNotFoundError(f"{job_file}: no such job file; training writes one per run when "
                                 "distributed.processes is above 1")
     distributed.init_from_torchrun()
     try:
@@ -409,7 +414,13 @@ def fit_job_file(job_file: str | Path) -> None:
                 print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       flush=True)
 
-        result = _fit_in_worker(job_file.read_bytes(), on_epoch=report)
+        payload = job_file.read_bytes()
+        work = torch.load(io.BytesIO(payload), weights_only=False)  # written by this project's own training
+        if work["kind"] == "separator":
+            torch.set_num_threads(work["params"].threads)
+            _, result = _train_crnn_job(work["params"], work["pieces"], on_epoch=report, progress=False)
+        else:
+            result = _fit_in_worker(payload, on_epoch=report)
         if distributed.is_main():
             with atomic_path(job_file.with_name("result.pt")) as tmp:
                 torch.save(result, tmp)
@@ -471,14 +482,20 @@ def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Pat
     """
     cp, sample_rate, name = params.separation.crnn, params.data.pieces.sample_rate, SEPARATOR_NAME
     data_fp = fingerprint(pieces)
+    processes = {} if params.distributed.processes == 1 else {"processes": params.distributed.processes}
     key = settings_key({"role": "separator", "seed": params.seed, "crnn": cp.model_dump(),
-                        "sample_rate": sample_rate, "data": data_fp})
+                        "sample_rate": sample_rate, "data": data_fp, **processes})
     row = _reuse_or_prepare(params, "separator", name, key)
     if row is not None:
         return row
-    model = crnn.build_crnn(cp, sample_rate, seed=params.seed)
-    result = crnn.train_crnn(model, pieces[pieces["split"] == "train"], pieces[pieces["split"] == "val"], cp,
-                             model_dir(params, name), seed=params.seed, progress=progress)
+    if params.distributed.processes > 1:  # trained by several processes together (torchrun, data-parallel)
+        job_file = model_dir(params, name) / "job.pt"
+        with atomic_path(job_file) as tmp:
+            torch.save({"kind": "separator", "params": params, "pieces": pieces}, tmp)
+        result = _with_torchrun(params, job_file)
+        model = crnn.load_crnn(result.checkpoint)
+    else:
+        model, result = _train_crnn_job(params, pieces, progress=progress)
     tags = {"model": name, "settings": key, "dataset_fingerprint": data_fp, "stopped": result.stopped}
     with tracking.start_run(params, "separator", name, tags, params_file) as run:
         _log_history(result.history)
@@ -493,6 +510,17 @@ def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Pat
         tracking.log_artifacts([result.checkpoint, curve])
         run_id = run.info.run_id
     return _finish(params, "separator", name, run_id)
+
+
+def _train_crnn_job(params: Params, pieces: pd.DataFrame, on_epoch: Callable[[dict], None] | None = None,
+                    progress: bool = True) -> tuple[crnn.MaskCRNN, crnn.TrainResult]:
+    """The profile's CRNN, built and trained (or resumed) in its run folder, in this process or in each of
+    a data-parallel run's."""
+    cp = params.separation.crnn
+    model = crnn.build_crnn(cp, params.data.pieces.sample_rate, seed=params.seed)
+    result = crnn.train_crnn(model, pieces[pieces["split"] == "train"], pieces[pieces["split"] == "val"], cp,
+                             model_dir(params, SEPARATOR_NAME), seed=params.seed, on_epoch=on_epoch, progress=progress)
+    return model, result
 
 
 TABLE_COLUMNS = {

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.experiment import distributed
 from audiokd_lib.experiment.loop import EpochLoop
 from audiokd_lib.experiment.params import CRNNParams
 from audiokd_lib.files import atomic_path
@@ -252,7 +253,9 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
     gradients clipped, mixed precision on CUDA only. The epochs, early stopping and `last.pt` are
     :class:`~audiokd_lib.experiment.loop.EpochLoop`'s, as for the classifiers.
     """
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, processes = distributed.rank_and_size()
+    progress = progress and rank == 0
+    device = distributed.device()
     cuda = device.type == "cuda"
     sampler = RemixSampler(train["path"], model.sources, model.samplerate, seed)
     val_pieces = [load_piece(m, model.sources, model.samplerate) for m in val["path"]]
@@ -260,8 +263,10 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
         raise ValueError("no validation pieces: the pieces table has no rows in the val split")
     frames = round(cp.crop_seconds * model.samplerate)
     steps = cp.steps_per_epoch or max(1, round(sum(sampler.frames) / (cp.batch_size * frames)))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + rank)
     model.to(device)
+    # magnitude_loss(model, ...), through DDP when several processes train (each on its slice of the batch)
+    loss_of = distributed.parallel(model, magnitude_loss)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cp.lr, weight_decay=cp.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     loop = EpochLoop(model, run_dir, cp.epochs, cp.patience, higher_is_better=False, time_budget_s=cp.time_budget_s,
@@ -272,18 +277,24 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
         model.train()
         total, done = 0.0, 0
         for _ in tqdm(range(steps), desc=f"epoch {epoch + 1}/{cp.epochs}", disable=not progress, leave=False):
-            mixture, sources = (x.to(device) for x in sampler.batch(cp.batch_size, frames))
+            mixture, sources = sampler.batch(cp.batch_size, frames)  # every process draws the same batch
+            weight = 1.0
+            if processes > 1:  # ... and keeps its slice, weighted so the averaged gradient is the batch's
+                mixture, sources = distributed.shard(mixture), distributed.shard(sources)
+                weight = distributed.shard_weight(cp.batch_size)
             with torch.autocast(device.type, enabled=cuda):
-                loss = magnitude_loss(model, mixture, sources)
+                loss = weight * loss_of(mixture.to(device), sources.to(device))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             scaler.step(optimizer)
             scaler.update()
-            total, done = total + loss.item(), done + 1
+            total, done = total + loss.item() / processes, done + 1  # summed over processes: the batch's mean
             if loop.time_is_up():
                 break
+        [total] = distributed.total(total)
+        distributed.average_buffers(model)  # BatchNorm statistics: every process validates the same model
         val_loss = validation_loss(model, val_pieces, device)
         row = loop.end_epoch({"steps": done, "train_loss": total / done, "val_loss": val_loss}, val_loss)
         if progress:
@@ -291,5 +302,7 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
                   f"({row['seconds']:.0f} s, {loop.elapsed:.0f} s in all)")
     loop.restore_best()
     model.cpu().eval()
-    checkpoint = save_crnn(model, Path(run_dir) / CHECKPOINT_NAME, history=loop.history, best_epoch=loop.best["epoch"])
+    checkpoint = Path(run_dir) / CHECKPOINT_NAME
+    if rank == 0:
+        save_crnn(model, checkpoint, history=loop.history, best_epoch=loop.best["epoch"])
     return TrainResult(pd.DataFrame(loop.history), loop.best["epoch"], loop.best["score"], loop.stopped, checkpoint)
