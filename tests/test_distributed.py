@@ -6,14 +6,13 @@ import json
 
 import pandas as pd
 import pytest
+import test_separate
 import torch
 
 from audiokd_lib.experiment import distributed, runs, tracking, training
 from audiokd_lib.experiment.params import DistributedParams, load_params
 from audiokd_lib.models import students
 from audiokd_lib.separation import crnn, separator
-
-from test_separate import pieces  # noqa: F401  (the fixture: four tiny rendered pieces)
 
 
 def _recipe(params, epochs: int):
@@ -109,6 +108,12 @@ def test_a_data_parallel_run_resumes_from_its_last_epoch(tiny, tmp_path, capsys)
     assert "resuming resumed after epoch 2" in capsys.readouterr().out
     assert [r["train_loss"] for r in longer[:2]] == [r["train_loss"] for r in first]
     assert len(longer) == 3
+
+
+@pytest.fixture
+def pieces(tmp_path):
+    """Four tiny rendered pieces (test_separate's)."""
+    return test_separate.render_pieces(tmp_path)
 
 
 def _separator_params(tmp_path, processes: int, **crnn_settings):

@@ -44,6 +44,10 @@ def group_signals(rng: np.random.Generator, seconds: float, silent: tuple[str, .
 
 @pytest.fixture
 def pieces(tmp_path) -> pd.DataFrame:
+    return render_pieces(tmp_path)
+
+
+def render_pieces(tmp_path) -> pd.DataFrame:
     """Four 2 s pieces in the rendered layout: 24-bit groups whose sum is exactly mixture.wav."""
     rows = []
     for index, split in enumerate(["train", "train", "val", "test"]):
