@@ -8,6 +8,7 @@
   audiokd classify FILE... --model MODEL [--profile quick]    top classes of any audio file
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
+  audiokd beats FILE... --out DIR [--clicks]                  beats and downbeats as CSV (and clicks over the music)
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+import numpy as np
 
 from audiokd_lib.experiment.params import ParamsError
 from audiokd_lib.experiment.pipeline import NotebookFailed, run_notebooks
@@ -72,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     separate.add_argument("--all-stems", action="store_true", help="write every stem; the manifest still says "
                                                                    "which instruments were heard")
     separate.add_argument("--overwrite", action="store_true", help="replace existing output folders of these inputs")
+    beats = commands.add_parser("beats", help="beats and downbeats of audio files, by notebook 09's causal student")
+    beats.add_argument("files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3, ...)")
+    beats.add_argument("--out", required=True, help="output folder: NAME.beats.csv (and NAME.clicks.wav) per input")
+    beats.add_argument("--model", help="a beat model.pt (default: the profile's distilled student, "
+                                       "outputs/<profile>/models/beats-student-kd/model.pt)")
+    beats.add_argument("--profile", default="quick", help="profile (name or .yaml) giving the model and the "
+                                                        "decoder's settings (default: %(default)s)")
+    beats.add_argument("--clicks", action="store_true", help="also write the input with a click on every beat")
+    beats.add_argument("--overwrite", action="store_true", help="replace existing outputs of these inputs")
     args = parser.parse_args(argv)
 
     try:
@@ -95,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             _bench(args)
         elif args.command == "separate":
             return _separate(args)
+        elif args.command == "beats":
+            return _beats(args)
     except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
@@ -258,4 +272,43 @@ def _separate(args: argparse.Namespace) -> int:
         folder = write_selection(out, track, separation, selection, info, overwrite=args.overwrite)
         written = ", ".join(selection.chosen) if selection.chosen else f"no stems (nothing reached {threshold:g})"
         print(f"{path}: {written} -> {folder}")
+    return 1 if failed else 0
+
+
+def _beats(args: argparse.Namespace) -> int:
+    """Track each file's beats and downbeats (the DBN on the whole file); unreadable files are reported and
+    make the exit status 1; existing outputs are never replaced without --overwrite."""
+    from pathlib import Path
+
+    from audiokd_lib.audio.loading import AudioLoadError
+    from audiokd_lib.beats import decode
+    from audiokd_lib.beats import model as beatnet
+    from audiokd_lib.beats.track import track_file, write_beats
+    from audiokd_lib.experiment.params import profile_params
+
+    params = profile_params(args.profile)
+    model = beatnet.load(args.model or params.output_dir / "models" / "beats-student-kd" / "model.pt")
+    dbn = decode.dbn_for(params.beats, model.frontend.fps)
+    out = Path(args.out)
+    names = [Path(f).stem for f in args.files]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"several inputs are named {repeated}: their outputs would collide; rename them "
+                         "or run them in separate calls")
+    if not args.overwrite:
+        existing = [str(out / f"{n}.beats.csv") for n in names if (out / f"{n}.beats.csv").exists()]
+        if existing:
+            raise ValueError(f"outputs exist already: {existing}; pass --overwrite to replace them or choose "
+                             "another --out")
+    failed = 0
+    for path, name in zip(args.files, names):
+        try:
+            wave, beats, downbeats = track_file(model, path, dbn, params.beats.bar_lengths)
+        except AudioLoadError as err:
+            failed += 1
+            print(f"audiokd: {err}", file=sys.stderr)
+            continue
+        written = write_beats(out, name, beats, downbeats, wave if args.clicks else None, model.frontend.sample_rate)
+        tempo = f", about {60 / float(np.median(np.diff(beats))):.0f} BPM" if len(beats) > 1 else ""
+        print(f"{path}: {len(beats)} beats, {len(downbeats)} downbeats{tempo} -> {', '.join(map(str, written))}")
     return 1 if failed else 0

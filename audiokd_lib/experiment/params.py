@@ -340,6 +340,61 @@ class SeparationParams(_Section):
     detector_solo_stems: int = Field(0, ge=0)
 
 
+class BeatPiecesParams(_Section):
+    """Procedural pieces with exact beats and downbeats (notebook 09), rendered like 08's pieces."""
+
+    count: int = Field(100, ge=4, description="pieces in the training soundfonts (train, val and test)")
+    heldout_count: int = Field(30, ge=0, description="pieces in the held-out soundfont: the unseen test")
+    seconds: float = Field(12.0, ge=6.0, description="mir_eval skips each piece's first 5 s")
+    sample_rate: int = Field(22050, ge=8000)
+    min_bpm: float = Field(60.0, gt=0.0)
+    max_bpm: float = Field(180.0, gt=0.0)
+    metres: list[Literal["3/4", "4/4", "6/8"]] = Field(["3/4", "4/4", "6/8"], min_length=1)
+    drift_fraction: float = Field(0.3, ge=0.0, le=1.0, description="pieces whose tempo wanders (expressive drift)")
+    max_drift: float = Field(0.1, ge=0.0, lt=0.5, description="largest tempo swing of a drifting piece, as a ratio")
+    drums_fraction: float = Field(0.5, ge=0.0, le=1.0, description="pieces with a drum kit; the rest: pitched only")
+    humanise_ms: float = Field(12.0, ge=0.0, description="spread of the onsets around the beat grid")
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check(self) -> BeatPiecesParams:
+        if self.min_bpm >= self.max_bpm:
+            raise ValueError(f"min_bpm ({self.min_bpm}) must be below max_bpm ({self.max_bpm})")
+        return self
+
+
+class BeatTrainParams(_Section):
+    epochs: int = Field(40, ge=1, description="an epoch: about four excerpts of every training piece")
+    teacher_epochs: int = Field(15, ge=1, description="the teacher's (each of its epochs costs more)")
+    batch_size: int = Field(16, ge=1)
+    crop_seconds: float = Field(4.0, gt=0.0, description="random excerpt of a piece per example")
+    lr: float = Field(3e-3, gt=0.0, description="peak of a one-cycle schedule")
+    patience: int = Field(40, ge=1, description="epochs without a better validation score before stopping; "
+                          "early on, a flat activation scores well by chance, so the default never stops")
+
+
+class BeatsParams(_Section):
+    """Real-time beat and downbeat tracking, a causal student distilled from a non-causal teacher (09)."""
+
+    pieces: BeatPiecesParams = BeatPiecesParams()
+    n_fft: int = Field(1024, ge=64, description="STFT window, ending at the current hop (causal)")
+    hop: int = Field(441, ge=1, description="samples between frames: 441 at 22.05 kHz is 20 ms, 50 frames/s")
+    n_mels: int = Field(64, ge=8)
+    teacher_hidden: int = Field(64, ge=1, description="GRU units per direction of the bidirectional teacher")
+    teacher_layers: int = Field(2, ge=1)
+    student_hidden: int = Field(32, ge=1, description="GRU units of the causal student")
+    train: BeatTrainParams = BeatTrainParams()
+    kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's activations in the loss")
+    thresholds: list[float] = Field([0.2, 0.3, 0.4, 0.5, 0.6, 0.7], min_length=1)
+    # The DBN (a bar-pointer style HMM over beat period and phase, decoded by Viterbi; decode.py)
+    dbn_min_bpm: float = Field(55.0, gt=0.0)
+    dbn_max_bpm: float = Field(190.0, gt=0.0)
+    dbn_transition_lambda: float = Field(100.0, gt=0.0, description="higher: tempo changes less between beats")
+    dbn_observation_lambda: int = Field(16, ge=2, description="the first 1/lambda of each beat period is a beat")
+    bar_lengths: list[int] = Field([2, 3, 4], min_length=1, description="beats per bar the downbeat HMM considers")
+
+
 class DistributedParams(_Section):
     # Several processes train one run data-parallel (experiment/distributed.py), started by torchrun:
     # one per GPU on a GPU machine. 1: a run trains in one process.
@@ -366,6 +421,7 @@ class Params(_Section):
     kd: KDParams = KDParams()
     prune: PruneParams = PruneParams()
     separation: SeparationParams = SeparationParams()
+    beats: BeatsParams = BeatsParams()
 
     @property
     def output_dir(self) -> Path:

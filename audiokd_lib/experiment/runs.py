@@ -560,7 +560,7 @@ def results_table(params: Params, roles: list[str] | None = None) -> pd.DataFram
     table = frame[columns].rename(columns=TABLE_COLUMNS).reset_index(drop=True)
     for c in ("params", "MACs"):
         if c in table:
-            table[c] = table[c].astype(int)
+            table[c] = table[c].astype("Int64")  # runs without a MAC count (the beat trackers) show <NA>
     return table
 
 

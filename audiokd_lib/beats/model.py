@@ -1,0 +1,290 @@
+"""Beat and downbeat activations from audio: a causal front end, a non-causal teacher, a causal student.
+
+- **Front end** (:class:`CausalFrontEnd`): the log-magnitude mel spectrogram and its positive
+  difference (spectral flux), the classic input of beat trackers. Frame t is the window of `n_fft`
+  samples that *ends* at sample (t + 1) * hop: it never looks ahead, so the same frames come out
+  whether a file is read whole or streamed hop by hop (:mod:`~audiokd_lib.beats.stream`).
+- **Networks** (:class:`BeatNet`): a linear projection, a GRU, two outputs per frame (beat, downbeat).
+  The teacher's GRU is bidirectional and deep: it hears the future, as offline trackers do (allin1,
+  madmom's BLSTMs). The student's is one small unidirectional layer: it only has the past, so it can
+  run on a stream, one frame at a time, with its hidden state carried over.
+- **Training** (:func:`train_beats`): random excerpts of the pieces, binary cross-entropy against
+  the beat and downbeat frames (widened: the frames beside a beat count half), the best epoch kept by the
+  validation beat and downbeat F-measures. Distillation adds the teacher's activations as a second target (the
+  teacher read the whole piece, so its activations carry what the future told it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+from tqdm.auto import tqdm
+
+from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.beats.pieces import read_beats
+from audiokd_lib.experiment.params import BeatsParams
+from audiokd_lib.files import atomic_path
+
+
+class CausalFrontEnd(nn.Module):
+    """(batch, samples) waveforms -> (batch, frames, 2 * n_mels): log mel magnitudes and their rise."""
+
+    def __init__(self, sample_rate: int, n_fft: int, hop: int, n_mels: int):
+        super().__init__()
+        self.sample_rate, self.n_fft, self.hop = sample_rate, n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        fbank = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 30.0, sample_rate / 2, n_mels, sample_rate)
+        self.register_buffer("fbank", fbank, persistent=False)
+
+    @property
+    def fps(self) -> float:
+        return self.sample_rate / self.hop
+
+    def frames(self, wave: torch.Tensor) -> torch.Tensor:
+        """Log mel magnitudes (batch, frames, n_mels): one frame a hop, each from the n_fft samples before it."""
+        padded = F.pad(wave, (self.n_fft - self.hop, 0))
+        spec = torch.stft(padded, self.n_fft, self.hop, window=self.window, center=False, return_complex=True)
+        return torch.log1p(spec.abs().transpose(1, 2) @ self.fbank)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        mel = self.frames(wave)
+        rise = torch.relu(mel - F.pad(mel, (0, 0, 1, 0))[:, :-1])  # before the first frame: silence
+        return torch.cat([mel, rise], dim=-1)
+
+
+class BeatNet(nn.Module):
+    """Features (batch, frames, inputs) -> logits (batch, frames, 2): beat, downbeat."""
+
+    def __init__(self, inputs: int, hidden: int, layers: int, bidirectional: bool):
+        super().__init__()
+        # per-feature normalisation, measured on the training pieces (set_normalisation)
+        self.register_buffer("shift", torch.zeros(inputs))
+        self.register_buffer("scale", torch.ones(inputs))
+        self.project = nn.Linear(inputs, hidden)
+        self.gru = nn.GRU(hidden, hidden, layers, batch_first=True, bidirectional=bidirectional)
+        self.out = nn.Linear(hidden * (2 if bidirectional else 1), 2)
+
+    def forward(self, features: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
+        return self.step(features, state)[0]
+
+    def step(self, features: torch.Tensor, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the GRU's state after these frames: a causal model continues from `state`."""
+        x = torch.relu(self.project((features - self.shift) / self.scale))
+        y, state = self.gru(x, state)
+        return self.out(y), state
+
+
+@dataclass
+class BeatModel:
+    """A front end and a network, with what rebuilds them (`spec`)."""
+
+    spec: dict[str, Any]
+    frontend: CausalFrontEnd
+    net: BeatNet
+
+    @property
+    def causal(self) -> bool:
+        return not self.spec["bidirectional"]
+
+    def activations(self, wave: torch.Tensor) -> np.ndarray:
+        """(frames, 2) beat and downbeat probabilities of one mono waveform."""
+        self.net.eval()
+        with torch.inference_mode():
+            return torch.sigmoid(self.net(self.frontend(wave[None]))[0]).numpy()
+
+
+def build(bp: BeatsParams, role: str) -> BeatModel:
+    """The teacher (bidirectional, `teacher_hidden` x `teacher_layers`) or a student (causal, one layer)."""
+    teacher = role == "teacher"
+    spec = {"kind": "beats", "role": role, "sample_rate": bp.pieces.sample_rate, "n_fft": bp.n_fft, "hop": bp.hop,
+            "n_mels": bp.n_mels, "hidden": bp.teacher_hidden if teacher else bp.student_hidden,
+            "layers": bp.teacher_layers if teacher else 1, "bidirectional": teacher}
+    return from_spec(spec)
+
+
+def from_spec(spec: dict[str, Any]) -> BeatModel:
+    frontend = CausalFrontEnd(spec["sample_rate"], spec["n_fft"], spec["hop"], spec["n_mels"])
+    net = BeatNet(2 * spec["n_mels"], spec["hidden"], spec["layers"], spec["bidirectional"])
+    return BeatModel(spec, frontend, net)
+
+
+def save(model: BeatModel, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save({"spec": model.spec, "state_dict": model.net.state_dict()}, tmp)
+    return Path(path)
+
+
+def load(path: str | Path) -> BeatModel:
+    """A model saved by :func:`save` (the weights-only loader), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no beat model here; train one in notebook 09 (make run)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("spec", {}).get("kind") != "beats":
+        raise ValueError(f"{path} is not a beat tracker checkpoint (notebook 09 writes them)")
+    model = from_spec(saved["spec"])
+    model.net.load_state_dict(saved["state_dict"])
+    model.net.eval()
+    return model
+
+
+@dataclass
+class Piece:
+    """One piece ready for training: features, beat and downbeat target frames, annotations."""
+
+    key: str
+    features: torch.Tensor   # (frames, inputs)
+    targets: torch.Tensor    # (frames, 2): 1 at the beat (downbeat) frame, 0.5 beside it
+    beats: np.ndarray        # seconds
+    downbeats: np.ndarray
+
+
+def targets_for(beats: np.ndarray, downbeats: np.ndarray, frames: int, fps: float) -> torch.Tensor:
+    """(frames, 2) targets: 1 at round(time * fps), 0.5 at the frames beside it (target widening)."""
+    out = torch.zeros(frames, 2)
+    for column, times in enumerate((beats, downbeats)):
+        index = np.round(np.asarray(times) * fps).astype(int)
+        index = index[(index >= 0) & (index < frames)]
+        for offset in (-1, 1):
+            near = np.clip(index + offset, 0, frames - 1)
+            out[near, column] = torch.maximum(out[near, column], torch.tensor(0.5))
+        out[index, column] = 1.0
+    return out
+
+
+def load_pieces(table: pd.DataFrame, frontend: CausalFrontEnd, progress: bool = True) -> list[Piece]:
+    """Every piece of a table (path, beats_path): features through `frontend`, targets, annotations."""
+    pieces = []
+    with torch.inference_mode():
+        for row in tqdm(list(table.itertuples()), desc="beat features", disable=not progress):
+            wave = load_audio(row.path, frontend.sample_rate)[0]
+            features = frontend(wave[None])[0]
+            beats, downbeats = read_beats(row.beats_path)
+            pieces.append(Piece(row.sample_key, features, targets_for(beats, downbeats, len(features), frontend.fps),
+                                beats, downbeats))
+    return pieces
+
+
+def set_normalisation(model: BeatModel, pieces: list[Piece]) -> None:
+    """Per-feature mean and spread of the training frames, kept in the network."""
+    frames = torch.cat([p.features for p in pieces])
+    model.net.shift.data = frames.mean(0)
+    model.net.scale.data = frames.std(0).clamp_min(1e-3)
+
+
+def predict(model: BeatModel, pieces: list[Piece]) -> list[np.ndarray]:
+    """(frames, 2) probabilities of each piece, from its cached features."""
+    model.net.eval()
+    with torch.inference_mode():
+        return [torch.sigmoid(model.net(p.features[None])[0]).numpy() for p in pieces]
+
+
+@dataclass
+class BeatFit:
+    history: pd.DataFrame   # epoch, train_loss, val_beat_f, val_downbeat_f, seconds
+    best_epoch: int
+    best_f: float           # the mean of the two, by peak picking at 0.5: what early stopping watches
+
+
+def train_beats(model: BeatModel, train: list[Piece], val: list[Piece], bp: BeatsParams, seed: int,
+                teacher_acts: dict[str, np.ndarray] | None = None, progress: bool = True) -> BeatFit:
+    """Train `model.net` in place on random excerpts; keep the epoch with the best validation beat F-measure.
+
+    With `teacher_acts` (the teacher's probabilities of each training piece, by key) the loss is
+    (1 - kd_alpha) x BCE(labels) + kd_alpha x BCE(teacher): Hinton's distillation with per-frame
+    sigmoid outputs, at temperature 1.
+    """
+    import time
+
+    from audiokd_lib.beats.decode import evaluate, pick_peaks
+
+    tp, fps = bp.train, model.frontend.fps
+    epochs = tp.epochs if model.causal else tp.teacher_epochs
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    crop = round(tp.crop_seconds * fps)
+    soft = None if teacher_acts is None else {k: torch.from_numpy(v) for k, v in teacher_acts.items()}
+    optimizer = torch.optim.AdamW(model.net.parameters(), lr=tp.lr, weight_decay=0.01)
+    steps = max(1, math.ceil(4 * len(train) / tp.batch_size))  # about four excerpts of every piece an epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, tp.lr, total_steps=epochs * steps)
+    history, best, bad = [], {"f": -1.0, "epoch": 0, "state": None}, 0
+    for epoch in range(epochs):
+        started, total = time.perf_counter(), 0.0
+        model.net.train()
+        for _ in tqdm(range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
+            chosen = rng.integers(len(train), size=tp.batch_size)
+            xs, ys, ts = [], [], []
+            for i in chosen:
+                piece = train[i]
+                start = int(rng.integers(0, max(1, len(piece.features) - crop)))
+                xs.append(piece.features[start:start + crop])
+                ys.append(piece.targets[start:start + crop])
+                if soft is not None:
+                    ts.append(soft[piece.key][start:start + crop])
+            length = min(len(x) for x in xs)
+            x = torch.stack([t[:length] for t in xs])
+            y = torch.stack([t[:length] for t in ys])
+            logits = model.net(x)
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+            if soft is not None:
+                t = torch.stack([t[:length] for t in ts])
+                loss = (1 - bp.kd_alpha) * loss + bp.kd_alpha * F.binary_cross_entropy_with_logits(logits, t)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.net.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+        acts = predict(model, val)
+        beat_f = evaluate([pick_peaks(a[:, 0], 0.5, fps) for a in acts], [p.beats for p in val])["F"]
+        down_f = evaluate([pick_peaks(a[:, 1], 0.5, fps) for a in acts], [p.downbeats for p in val])["F"]
+        f = (beat_f + down_f) / 2  # both outputs count
+        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_beat_f": beat_f,
+                        "val_downbeat_f": down_f, "seconds": time.perf_counter() - started})
+        if f > best["f"]:
+            best, bad = {"f": f, "epoch": epoch + 1, "state": copy.deepcopy(model.net.state_dict())}, 0
+        else:
+            bad += 1
+            if bad >= tp.patience:
+                break
+    model.net.load_state_dict(best["state"])
+    model.net.eval()
+    return BeatFit(pd.DataFrame(history), best["epoch"], best["f"])
+
+
+def macs_per_second(model: BeatModel) -> int:
+    """Multiply-accumulates of the network for one second of audio (fps frames): projection, GRU, output."""
+    net, fps = model.net, model.frontend.fps
+    hidden, directions = net.gru.hidden_size, 2 if net.gru.bidirectional else 1
+    per_frame = net.project.in_features * hidden + net.out.in_features * 2
+    width = hidden
+    for _ in range(net.gru.num_layers):
+        per_frame += directions * 3 * (width * hidden + hidden * hidden)  # three gates, input and recurrent
+        width = hidden * directions
+    return round(per_frame * fps)
+
+
+def log_run(params, role: str, name: str, model: BeatModel, fit: BeatFit, scores: dict[str, float],
+            params_file: str | Path | None = None) -> str:
+    """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
+    curve, scores, size and cost; return the run's id."""
+    from audiokd_lib.experiment import tracking
+
+    path = save(model, params.output_dir / "models" / name / "model.pt")
+    with tracking.start_run(params, role, name, {"model": name, "task": "beats"}, params_file) as run:
+        for row in fit.history.to_dict("records"):
+            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        tracking.log_final({**scores, "params": sum(p.numel() for p in model.net.parameters()),
+                            "macs_per_second": macs_per_second(model), "best_epoch": fit.best_epoch})
+        tracking.log_artifacts([path])
+        return run.info.run_id
