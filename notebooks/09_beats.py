@@ -80,7 +80,7 @@ display(pieces.groupby("split")[["tempo", "drift", "drums"]].agg(["min", "mean",
 # reads a sample after its own hop, so streaming gives the same frames as reading the whole file.
 
 # %%
-teacher = beatnet.build(bp, "teacher")
+teacher = beatnet.build(bp, "teacher", seed=params.seed)
 fps = teacher.frontend.fps
 sets = {split: beatnet.load_pieces(pieces[pieces["split"] == split], teacher.frontend)
         for split in ("train", "val", "test", "heldout") if (pieces["split"] == split).any()}
@@ -104,7 +104,7 @@ teacher_acts = dict(zip([p.key for p in sets["train"]], beatnet.predict(teacher,
 
 students = {}
 for variant, soft in (("labels", None), ("kd", teacher_acts)):
-    student = beatnet.build(bp, "student")
+    student = beatnet.build(bp, "student", seed=params.seed)
     beatnet.set_normalisation(student, sets["train"])
     started = time.perf_counter()
     fit = beatnet.train_beats(student, sets["train"], sets["val"], bp, params.seed, teacher_acts=soft)
@@ -166,8 +166,8 @@ teacher_row = dbn_table.loc["teacher", split]
 display(Markdown(
     f"**Targets ({split}, DBN):** distilled causal student beat F {best['F']:.3f} (target at least 0.85: "
     f"{'met' if best['F'] >= 0.85 else 'not met'}), downbeat F {best['downbeat F']:.3f} (target at least 0.6: "
-    f"{'met' if best['downbeat F'] >= 0.6 else 'not met'}), {100 * (teacher_row['F'] - best['F']):.1f} beat-F points "
-    f"below the teacher's {teacher_row['F']:.3f} (target within 5: "
+    f"{'met' if best['downbeat F'] >= 0.6 else 'not met'}), {100 * (best['F'] - teacher_row['F']):+.1f} beat-F points "
+    f"against the teacher's {teacher_row['F']:.3f} (target no more than 5 below: "
     f"{'met' if teacher_row['F'] - best['F'] <= 0.05 else 'not met'}). Distillation against labels alone: "
     f"{100 * (best['F'] - dbn_table.loc['student-labels', split]['F']):+.1f} beat-F points, "
     f"{100 * (best['downbeat F'] - dbn_table.loc['student-labels', split]['downbeat F']):+.1f} downbeat-F points."))

@@ -66,6 +66,7 @@ def test_every_notebook_runs_with_the_smoke_profile(smoke_chain):
         assert len(detectors) == 2 and detectors["real recall"].between(0, 1).all()
     check_kd_sweep(smoke_profile)
     check_real_ablation(smoke_profile)
+    check_beats(params, smoke_profile)
 
 
 def _headless_chromium():
@@ -147,6 +148,23 @@ def check_kd_sweep(profile: Path) -> None:
     lines = [line.split() for line in done.stdout.splitlines() if line.startswith(("base ", "kd+transfer"))]
     assert [line[0] for line in lines] == ["base", "kd+transfer:2:0.9"]
     assert all(0.0 <= float(score) <= 1.0 for line in lines for score in line[2:])
+
+
+def check_beats(params, profile: Path) -> None:
+    """Notebook 09 left its three models (MLflow runs with DBN scores, weights, the student's ONNX step);
+    scripts/beats_ablation.py runs on its pieces: one JSON line per model."""
+    from audiokd_lib.experiment import tracking
+
+    beat_runs = tracking.runs_frame(params, "beats-student")
+    assert sorted(beat_runs["model"]) == ["beats-student-kd", "beats-student-labels"]
+    assert beat_runs["heldout_dbn_F"].between(0, 1).all() and beat_runs["test_dbn_downbeat_F"].between(0, 1).all()
+    assert len(tracking.runs_frame(params, "beats-teacher")) == 1
+    assert (params.output_dir / "models" / "beats-student-kd" / "step.onnx").is_file()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "beats_ablation.py"), str(profile), "--alphas", "0",
+                           "0.5", "--seeds", "0"], capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(line["model"], line["alpha"]) for line in lines] == [("teacher", None), ("student", 0.0), ("student", 0.5)]
+    assert all(0.0 <= line["heldout downbeat F"] <= 1.0 for line in lines)
 
 
 def check_real_ablation(profile: Path) -> None:

@@ -103,8 +103,11 @@ class BeatModel:
             return torch.sigmoid(self.net(self.frontend(wave[None]))[0]).numpy()
 
 
-def build(bp: BeatsParams, role: str) -> BeatModel:
-    """The teacher (bidirectional, `teacher_hidden` x `teacher_layers`) or a student (causal, one layer)."""
+def build(bp: BeatsParams, role: str, seed: int | None = None) -> BeatModel:
+    """The teacher (bidirectional, `teacher_hidden` x `teacher_layers`) or a student (causal, one layer);
+    `seed` fixes its initial weights."""
+    if seed is not None:
+        torch.manual_seed(seed)
     teacher = role == "teacher"
     spec = {"kind": "beats", "role": role, "sample_rate": bp.pieces.sample_rate, "n_fft": bp.n_fft, "hop": bp.hop,
             "n_mels": bp.n_mels, "hidden": bp.teacher_hidden if teacher else bp.student_hidden,

@@ -1,0 +1,76 @@
+"""Does distillation help notebook 09's causal student? Students over seeds and kd_alpha, side by side.
+
+    python scripts/beats_ablation.py quick --alphas 0 0.2 0.5 0.8 --seeds 0 1
+
+Reads the profile's rendered beat pieces (notebook 09 renders them; this renders what is missing),
+trains the profile's teacher once, then one causal student per (alpha, seed): alpha 0 is labels
+alone. Prints the DBN's beat and downbeat F-measures on `test` and `heldout` for each, and their mean
+over seeds. Nothing is logged to MLflow: this is a measurement, not a model of the course.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import pandas as pd
+import torch
+
+from audiokd_lib.beats import decode
+from audiokd_lib.beats import model as beatnet
+from audiokd_lib.beats.pieces import render_beat_pieces
+from audiokd_lib.data.tables import data_dir, plan_soundfonts
+from audiokd_lib.experiment.params import profile_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("profile", help="profile name or params file, e.g. quick")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.2, 0.5, 0.8])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", module="mir_eval")
+    params = profile_params(args.profile)
+    bp = params.beats
+    torch.set_num_threads(params.threads)
+    pieces = render_beat_pieces(data_dir(params) / "beats", plan_soundfonts(params.data), bp.pieces,
+                                seed=params.seed, backend=params.data.synth, progress=False)
+    teacher = beatnet.build(bp, "teacher", seed=params.seed)
+    sets = {s: beatnet.load_pieces(pieces[pieces["split"] == s], teacher.frontend, progress=False)
+            for s in ("train", "val", "test", "heldout") if (pieces["split"] == s).any()}
+    dbn = decode.dbn_for(bp, teacher.frontend.fps)
+
+    def scores(model: beatnet.BeatModel) -> dict[str, float]:
+        found = {}
+        for split in ("test", "heldout"):
+            if split in sets:
+                tracked = [decode.track(a, dbn, bp.bar_lengths) for a in beatnet.predict(model, sets[split])]
+                result = decode.evaluate([b for b, _ in tracked], [p.beats for p in sets[split]],
+                                         [d for _, d in tracked], [p.downbeats for p in sets[split]])
+                found.update({f"{split} F": result["F"], f"{split} downbeat F": result["downbeat F"]})
+        return found
+
+    beatnet.set_normalisation(teacher, sets["train"])
+    beatnet.train_beats(teacher, sets["train"], sets["val"], bp, params.seed, progress=False)
+    rows = [{"model": "teacher", "alpha": None, "seed": params.seed, **scores(teacher)}]
+    print(json.dumps(rows[0]), flush=True)
+    soft = dict(zip([p.key for p in sets["train"]], beatnet.predict(teacher, sets["train"])))
+    for alpha in args.alphas:
+        recipe = bp.model_copy(update={"kd_alpha": alpha})
+        for seed in args.seeds:
+            student = beatnet.build(recipe, "student", seed=seed)
+            beatnet.set_normalisation(student, sets["train"])
+            beatnet.train_beats(student, sets["train"], sets["val"], recipe, seed,
+                                teacher_acts=soft if alpha > 0 else None, progress=False)
+            rows.append({"model": "student", "alpha": alpha, "seed": seed, **scores(student)})
+            print(json.dumps(rows[-1]), flush=True)
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.precision", 3):
+        print(table)
+        print("\nmean over seeds:\n", table[table["model"] == "student"].groupby("alpha").mean(numeric_only=True)
+              .drop(columns="seed"))
+
+
+if __name__ == "__main__":
+    main()
