@@ -156,7 +156,8 @@ def _collectives(rank: int, init_file: str, results: str) -> None:
         distributed.average_buffers(norm)
         found = {"rank_and_size": distributed.rank_and_size(), "main": distributed.is_main(),
                  "slice": distributed.shard(torch.arange(5)).tolist(), "weight": distributed.shard_weight(5),
-                 "empty_slice": distributed.shard(torch.arange(1)).tolist(), "empty_weight": distributed.shard_weight(1),
+                 "empty_slice": distributed.shard(torch.arange(1)).tolist(),
+                 "empty_weight": distributed.shard_weight(1),
                  "vote": distributed.any_process(rank == 1), "no_vote": distributed.any_process(False),
                  "total": distributed.total(float(rank + 1), 2.0), "running_mean": norm.running_mean.item()}
         torch.save(found, f"{results}.{rank}")
