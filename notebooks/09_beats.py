@@ -87,6 +87,25 @@ sets = {split: beatnet.load_pieces(pieces[pieces["split"] == split], teacher.fro
 print({split: len(s) for split, s in sets.items()}, f"pieces; {fps:g} frames a second")
 
 # %% [markdown]
+# ### Real recordings, for testing only
+#
+# With `beats.real_dataset: candombe` (the full profile), `beats.real_recordings` performances of the
+# Candombe dataset (Afro-Uruguayan drumming, studio recordings, every beat and downbeat annotated by
+# an expert; Zenodo, CC BY 4.0) are downloaded under `data.downloads`' rules (budget, cache, mirror)
+# and scored like the test splits, as `real`. No model trains or is selected on them.
+
+# %%
+if bp.real_dataset == "candombe":
+    from audiokd_lib.data.candombe import download_candombe, load_candombe
+    from audiokd_lib.data.sources import Downloads
+
+    downloads = Downloads.from_params(params.data.downloads)
+    download_candombe(downloads, bp.real_recordings)
+    sets["real"] = beatnet.load_pieces(load_candombe(downloads.folder("candombe")), teacher.frontend)
+    print(f"real: {len(sets['real'])} Candombe performances, "
+          f"{sum(len(p.features) for p in sets['real']) / fps / 60:.1f} minutes")
+
+# %% [markdown]
 # ## 3 · The teacher (non-causal) and the students (causal)
 #
 # Same front end, same outputs (a beat and a downbeat probability per frame). The teacher's GRU is
@@ -118,14 +137,15 @@ pd.DataFrame({name: {"params": sum(p.numel() for p in m.net.parameters()), "caus
 # ## 4 · From activations to beats, and how good they are
 #
 # Peak picking at each threshold of `beats.thresholds`, and the DBN (which needs no threshold) with
-# the bar HMM for the downbeats. mir_eval scores every piece of `test` (unseen pieces) and `heldout`
-# (unseen pieces in an unseen soundfont), skipping the first 5 s as MIREX does.
+# the bar HMM for the downbeats. mir_eval scores every piece of `test` (unseen pieces), `heldout`
+# (unseen pieces in an unseen soundfont) and, when downloaded, `real`, skipping the first 5 s as MIREX
+# does.
 
 # %%
 dbn = decode.dbn_for(bp, fps)
 rows, scores = [], {name: {} for name in models}
 for name, (model, _) in models.items():
-    for split in ("test", "heldout"):
+    for split in ("test", "heldout", "real"):
         if split not in sets:
             continue
         data = sets[split]

@@ -357,3 +357,57 @@ def test_esc50_through_params_without_range_support(tmp_path):
     assert loaded["path"].tolist() == saved["path"].tolist() == clips["path"].tolist() and pieces.empty
     manifest = json.loads((tables.data_dir(params) / "manifest.json").read_text())
     assert manifest["dataset"] == "esc50" and manifest["download"]["request"]["files_per_class"] == 4
+
+
+# --------------------------------------------------------------------------- Candombe (notebook 09's real beats)
+
+
+def candombe_files(performances: int = 3, seconds: float = 9.0) -> dict[str, bytes]:
+    """The two zips as on Zenodo: `time,bar.beat` CSVs and stereo FLACs whose clicks fall on the annotated beats."""
+    from audiokd_lib.data.candombe import download_candombe  # noqa: F401  (the module under test imports cleanly)
+
+    annotations, audio = {}, {}
+    rate = 44100
+    for k in range(performances):
+        name = f"UC_{k:03d}"
+        beats = np.arange(0.4 + 0.05 * k, seconds - 0.3, 0.5)
+        annotations[f"candombe_annotations/csv/{name}.csv"] = "\n".join(
+            f"{t:.4f},{i // 4 + 1}.{i % 4 + 1}" for i, t in enumerate(beats)).encode()
+        wave = np.zeros((round(seconds * rate), 2), np.float32)
+        for i, t in enumerate(beats):
+            start = int(t * rate)
+            wave[start:start + 600] += np.random.default_rng(i).normal(0, 0.8 if i % 4 == 0 else 0.3, (600, 1))
+        buffer = io.BytesIO()
+        sf.write(buffer, np.clip(wave, -1, 1), rate, format="FLAC")
+        audio[f"candombe_audio/{name}.flac"] = buffer.getvalue()
+    return {"candombe_annotations.zip": zip_file(annotations), "candombe_audio.zip": zip_file(audio)}
+
+
+def test_candombe_subset_by_range_with_its_beats(tmp_path, server, unpinned):
+    from audiokd_lib.beats.pieces import read_beats
+    from audiokd_lib.data.candombe import download_candombe, load_candombe
+
+    files = candombe_files()
+    publish(server, "candombe", files)
+    dl = downloads(tmp_path, server)
+    manifest = download_candombe(dl, recordings=2)
+    assert manifest["dataset"] == "candombe" and manifest["licence"] == "CC BY 4.0"
+    assert len(manifest["clips"]["recordings"]) == 2 and len(manifest["annotations"]) == 2
+    table = load_candombe(dl.folder("candombe"))
+    assert len(table) == 2 and (table["split"] == "real").all()
+    for row in table.itertuples():
+        beats, downbeats = read_beats(row.beats_path)
+        assert len(beats) == 17 and np.allclose(downbeats, beats[::4]) and sf.info(row.path).channels == 2
+    requests = len(server.requests)
+    assert download_candombe(dl, recordings=2) == manifest and len(server.requests) == requests  # cached
+    assert len(load_candombe(dl.folder("candombe"))) == 2
+
+
+def test_candombe_refuses_an_archive_without_its_recordings(tmp_path, server, unpinned):
+    from audiokd_lib.data.candombe import download_candombe
+
+    files = candombe_files(1)
+    files["candombe_audio.zip"] = zip_file({"readme.txt": b"nothing here"})
+    publish(server, "candombe", files)
+    with pytest.raises(download.DownloadError, match="not the Candombe archive"):
+        download_candombe(downloads(tmp_path, server), recordings=1)

@@ -307,3 +307,31 @@ def test_the_multilabel_chain_runs_on_openmic(tmp_path, monkeypatch):
     check_separated_stems(params, params.output_dir / "separated")
     manifest = json.loads(next((params.output_dir / "separated").glob("*/manifest.json")).read_text())
     assert manifest["classifier"]["model"] == "pruned-structured-0.5-rekd"  # the course's final student chose the stems
+
+
+@pytest.mark.slow
+def test_notebook_09_scores_real_annotated_recordings(tmp_path):
+    """With beats.real_dataset: candombe, 09 downloads performances (served here from 127.0.0.1 in the
+    official layout) under data.downloads' rules and scores every model on them as `real`."""
+    from conftest import FileServer
+    from test_datasets import candombe_files, publish
+
+    from audiokd_lib.data import sources
+    from audiokd_lib.experiment import tracking
+
+    server = FileServer()
+    try:
+        # The record lists the md5 values the project pins; members are read by range and checked by CRC-32.
+        publish(server, "candombe", candombe_files(2), md5={f.name: f.md5 for f in sources.SOURCES["candombe"].files})
+        profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n"
+                                          "notebooks: [09_beats]\n"
+                                          "beats: {real_dataset: candombe, real_recordings: 2}\n"
+                                          f"data: {{downloads: {{cache_dir: {tmp_path / 'cache'}, "
+                                          f"base_url: '{server.base}'}}}}\n", "beats-real")
+        run_notebooks(profile, log=lambda *_: None)
+    finally:
+        server.stop()
+    params = load_params(profile)
+    scored = tracking.runs_frame(params, "beats-student")
+    assert len(scored) == 2 and scored["real_dbn_F"].between(0, 1).all()
+    assert tracking.runs_frame(params, "beats-teacher")["real_dbn_downbeat_F"].between(0, 1).all()

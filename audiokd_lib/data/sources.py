@@ -108,6 +108,11 @@ SOURCES: dict[str, Source] = {
     # The archive's md5 could not be confirmed offline: it is read from the record.
     "openmic": Source("OpenMIC-2018", 1432913, "CC BY 4.0 (each clip under its own Creative Commons licence)",
                       "https://github.com/cosmir/openmic-2018", (_zenodo(1432913, "openmic-2018-v1.0.0.tgz"),)),
+    # Notebook 09's real beats: both md5 values are those mirdata's loader pins.
+    "candombe": Source("Candombe", 6533068, "CC BY 4.0", "https://zenodo.org/records/6533068", (
+        _zenodo(6533068, "candombe_annotations.zip", "f78aff60aa413cb4960c0c77cc31c243"),
+        _zenodo(6533068, "candombe_audio.zip", "ccd7f437024807b1a52c0818aa0b7f06"),
+    )),
     # GitHub builds this zip of the repository on request: it has no published size or checksum.
     "esc50": Source("ESC-50", None, "CC BY-NC 3.0 (clips from freesound.org)", "https://github.com/karolpiczak/ESC-50",
                     (RemoteFile("master.zip", "https://github.com/karolpiczak/ESC-50/archive/master.zip"),)),

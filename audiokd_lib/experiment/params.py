@@ -393,6 +393,9 @@ class BeatsParams(_Section):
     dbn_transition_lambda: float = Field(100.0, gt=0.0, description="higher: tempo changes less between beats")
     dbn_observation_lambda: int = Field(16, ge=2, description="the first 1/lambda of each beat period is a beat")
     bar_lengths: list[int] = Field([2, 3, 4], min_length=1, description="beats per bar the downbeat HMM considers")
+    # Real recordings with annotated beats, only ever tested on (data/candombe.py), fetched under data.downloads
+    real_dataset: Literal["none", "candombe"] = "none"
+    real_recordings: int = Field(6, ge=1, description="performances of the real dataset (2-4 min each)")
 
 
 class DistributedParams(_Section):
