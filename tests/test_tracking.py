@@ -114,6 +114,8 @@ def test_param_values_are_cut_to_mlflows_limit():
 def test_the_mlflow_ui_serves_a_profiles_store_on_localhost(tmp_path):
     """`audiokd mlflow` (what `make mlflow` runs): the UI's REST API answers on 127.0.0.1 with the profile's runs."""
     import json
+    import os
+    import signal
     import socket
     import subprocess
     import sys
@@ -134,8 +136,10 @@ def test_the_mlflow_ui_serves_a_profiles_store_on_localhost(tmp_path):
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
+    # Its own process group: `audiokd mlflow` starts `mlflow ui`, which starts the web server; all of them go at the end.
     server = subprocess.Popen([sys.executable, "-m", "audiokd_lib", "mlflow", "--profile", str(profile),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search?max_results=10"
         for _ in range(120):
@@ -150,5 +154,5 @@ def test_the_mlflow_ui_serves_a_profiles_store_on_localhost(tmp_path):
             raise AssertionError("the MLflow UI did not answer within a minute")
         assert "audiokd-ui" in [e["name"] for e in found["experiments"]]
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
