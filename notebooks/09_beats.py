@@ -37,7 +37,6 @@ params_file = "params/quick.yaml"
 
 # %%
 import time
-import warnings
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -56,7 +55,6 @@ from audiokd_lib.experiment.params import load_params
 params = load_params(params_file)
 bp = params.beats
 torch.set_num_threads(params.threads)
-warnings.filterwarnings("ignore", message="Estimated beats are empty", module="mir_eval")
 
 # %% [markdown]
 # ## 1 · Pieces with exact beats
