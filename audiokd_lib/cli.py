@@ -227,17 +227,8 @@ def _separate(args: argparse.Namespace) -> int:
     threshold = sp.threshold if args.threshold is None else args.threshold
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must lie between 0 and 1, got {threshold}")
-    tracks = [Path(f).stem for f in args.files]
-    repeated = sorted({t for t in tracks if tracks.count(t) > 1})
-    if repeated:
-        raise ValueError(f"several inputs are named {repeated}: their output folders would collide; "
-                         "rename them or separate them in separate calls")
     out = Path(args.out)
-    if not args.overwrite:
-        existing = [str(out / t) for t in tracks if (out / t).exists()]
-        if existing:
-            raise ValueError(f"output folders exist already: {existing}; pass --overwrite to replace them "
-                             "or choose another --out")
+    tracks = _output_names(args.files, lambda track: out / track, args.overwrite)
     choice = args.separator or sp.separator
     separator = open_separator(choice, params)
     classifier = None
@@ -275,6 +266,23 @@ def _separate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _output_names(files: list[str], output_of, overwrite: bool) -> list[str]:
+    """Each input's name (its file name without suffix), after refusing names two inputs share (their outputs
+    would collide) and, without `overwrite`, outputs (`output_of(name)`) that exist already."""
+    from pathlib import Path
+
+    names = [Path(f).stem for f in files]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"several inputs are named {repeated}: their outputs would collide; rename them "
+                         "or run them in separate calls")
+    existing = [str(output_of(n)) for n in names if output_of(n).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"outputs exist already: {existing}; pass --overwrite to replace them or choose "
+                         "another --out")
+    return names
+
+
 def _beats(args: argparse.Namespace) -> int:
     """Track each file's beats and downbeats (the DBN on the whole file); unreadable files are reported and
     make the exit status 1; existing outputs are never replaced without --overwrite."""
@@ -290,16 +298,7 @@ def _beats(args: argparse.Namespace) -> int:
     model = beatnet.load(args.model or params.output_dir / "models" / "beats-student-kd" / "model.pt")
     dbn = decode.dbn_for(params.beats, model.frontend.fps)
     out = Path(args.out)
-    names = [Path(f).stem for f in args.files]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"several inputs are named {repeated}: their outputs would collide; rename them "
-                         "or run them in separate calls")
-    if not args.overwrite:
-        existing = [str(out / f"{n}.beats.csv") for n in names if (out / f"{n}.beats.csv").exists()]
-        if existing:
-            raise ValueError(f"outputs exist already: {existing}; pass --overwrite to replace them or choose "
-                             "another --out")
+    names = _output_names(args.files, lambda name: out / f"{name}.beats.csv", args.overwrite)
     failed = 0
     for path, name in zip(args.files, names):
         try:

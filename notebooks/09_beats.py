@@ -154,8 +154,7 @@ for name, (model, _) in models.items():
                                     [decode.pick_peaks(a[:, 1], threshold, fps) for a in acts], truth_down)
             rows.append({"model": name, "split": split, "decoder": f"peaks {threshold:g}", **found})
             scores[name].update({f"{split}_peaks{threshold:g}_{k.replace(' ', '_')}": v for k, v in found.items()})
-        tracked = [decode.track(a, dbn, bp.bar_lengths) for a in acts]
-        found = decode.evaluate([b for b, _ in tracked], truth, [d for _, d in tracked], truth_down)
+        found = decode.evaluate_dbn(acts, truth, truth_down, dbn, bp.bar_lengths)
         rows.append({"model": name, "split": split, "decoder": "DBN", **found})
         scores[name].update({f"{split}_dbn_{k.replace(' ', '_')}": v for k, v in found.items()})
 results = pd.DataFrame(rows)

@@ -45,9 +45,8 @@ def main() -> None:
         found = {}
         for split in ("test", "heldout"):
             if split in sets:
-                tracked = [decode.track(a, dbn, bp.bar_lengths) for a in beatnet.predict(model, sets[split])]
-                result = decode.evaluate([b for b, _ in tracked], [p.beats for p in sets[split]],
-                                         [d for _, d in tracked], [p.downbeats for p in sets[split]])
+                result = decode.evaluate_dbn(beatnet.predict(model, sets[split]), [p.beats for p in sets[split]],
+                                             [p.downbeats for p in sets[split]], dbn, bp.bar_lengths)
                 found.update({f"{split} F": result["F"], f"{split} downbeat F": result["downbeat F"]})
         return found
 

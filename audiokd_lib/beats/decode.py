@@ -142,6 +142,13 @@ def track(activations: np.ndarray, dbn: BeatDBN, bar_lengths: Sequence[int] = (2
     return beats, downbeats(beats, activations[:, 1], dbn.fps, bar_lengths)
 
 
+def evaluate_dbn(activations: Sequence[np.ndarray], beats: Sequence[np.ndarray], downbeats: Sequence[np.ndarray],
+                 dbn: BeatDBN, bar_lengths: Sequence[int] = (2, 3, 4)) -> dict[str, float]:
+    """:func:`evaluate` of what :func:`track` finds in each piece's (frames, 2) activations."""
+    tracked = [track(a, dbn, bar_lengths) for a in activations]
+    return evaluate([b for b, _ in tracked], beats, [d for _, d in tracked], downbeats)
+
+
 def evaluate(estimates: Sequence[np.ndarray], references: Sequence[np.ndarray],
              down_estimates: Sequence[np.ndarray] | None = None,
              down_references: Sequence[np.ndarray] | None = None) -> dict[str, float]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.beats.decode import evaluate, pick_peaks
 from audiokd_lib.beats.pieces import read_beats
 from audiokd_lib.experiment.params import BeatsParams
 from audiokd_lib.files import atomic_path
@@ -50,16 +52,26 @@ class CausalFrontEnd(nn.Module):
     def fps(self) -> float:
         return self.sample_rate / self.hop
 
+    def _log_mel(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """(..., bins) complex spectra -> (..., n_mels) log mel magnitudes."""
+        return torch.log1p(spectrum.abs() @ self.fbank)
+
     def frames(self, wave: torch.Tensor) -> torch.Tensor:
         """Log mel magnitudes (batch, frames, n_mels): one frame a hop, each from the n_fft samples before it."""
         padded = F.pad(wave, (self.n_fft - self.hop, 0))
         spec = torch.stft(padded, self.n_fft, self.hop, window=self.window, center=False, return_complex=True)
-        return torch.log1p(spec.abs().transpose(1, 2) @ self.fbank)
+        return self._log_mel(spec.transpose(1, 2))
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         mel = self.frames(wave)
         rise = torch.relu(mel - F.pad(mel, (0, 0, 1, 0))[:, :-1])  # before the first frame: silence
         return torch.cat([mel, rise], dim=-1)
+
+    def step(self, window: torch.Tensor, previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame of a stream: the last n_fft samples and the previous frame's log mel (zeros before the
+        first) -> (features (1, 2 * n_mels), this frame's log mel), as :meth:`forward` computes that frame."""
+        mel = self._log_mel(torch.fft.rfft(window * self.window))[None]
+        return torch.cat([mel, torch.relu(mel - previous)], dim=-1), mel
 
 
 class BeatNet(nn.Module):
@@ -207,10 +219,6 @@ def train_beats(model: BeatModel, train: list[Piece], val: list[Piece], bp: Beat
     (1 - kd_alpha) x BCE(labels) + kd_alpha x BCE(teacher): Hinton's distillation with per-frame
     sigmoid outputs, at temperature 1.
     """
-    import time
-
-    from audiokd_lib.beats.decode import evaluate, pick_peaks
-
     tp, fps = bp.train, model.frontend.fps
     epochs = tp.epochs if model.causal else tp.teacher_epochs
     torch.manual_seed(seed)

@@ -160,11 +160,12 @@ def render_beat_pieces(root: str | Path, plan: SoundfontPlan, pp: BeatPiecesPara
     if plan.heldout is not None:
         jobs.append((*plan.heldout, pp.heldout_count))
     settings = {"seed": seed, **pp.model_dump(exclude={"count", "heldout_count", "val_fraction", "test_fraction"})}
-    rows, index = [], 0
+    rows, first = [], 0
     synths = _OnDemandSynth(pp.sample_rate, backend)
     try:
-        for name, path, count in jobs:
-            for index in tqdm(range(index, index + count), desc=f"beat pieces {name}", disable=not progress):
+        for name, path, count in jobs:  # consecutive indices: every piece is a different composition
+            split = "heldout" if plan.heldout is not None and name == plan.heldout[0] else None
+            for index in tqdm(range(first, first + count), desc=f"beat pieces {name}", disable=not progress):
                 key = f"beats-{index:04d}"
                 folder = root / name / key
                 info = {"sample_key": key, "soundfont": name, "index": index, **settings}
@@ -186,12 +187,11 @@ def render_beat_pieces(root: str | Path, plan: SoundfontPlan, pp: BeatPiecesPara
                     finally:
                         shutil.rmtree(tmp, ignore_errors=True)
                     saved = info
-                heldout = plan.heldout is not None and name == plan.heldout[0]
                 rows.append({"sample_key": key, "path": str(folder / "mixture.flac"),
                              "beats_path": str(folder / "beats.csv"), "soundfont": name, "metre": saved["metre"],
                              "tempo": saved["tempo"], "drift": saved["drift"], "drums": saved["drums"],
-                             "split": "heldout" if heldout else _split(index, pp)})
-            index += 1
+                             "split": split or _split(index, pp)})
+            first += count
     finally:
         synths.close()
     table = pd.DataFrame(rows, columns=COLUMNS)

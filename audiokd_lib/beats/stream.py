@@ -46,12 +46,8 @@ class BeatStream:
     @torch.inference_mode()
     def push(self, hop: torch.Tensor) -> tuple[np.ndarray, str | None]:
         """One hop (hop samples) in: (beat, downbeat) probabilities of its frame, and "beat", "downbeat" or None."""
-        fe = self.model.frontend
         self.buffer = torch.cat([self.buffer[len(hop):], hop])
-        spec = torch.fft.rfft(self.buffer * fe.window)
-        mel = torch.log1p(spec.abs()[None] @ fe.fbank)
-        features = torch.cat([mel, torch.relu(mel - self.previous)], dim=-1)
-        self.previous = mel
+        features, self.previous = self.model.frontend.step(self.buffer, self.previous)
         logits, self.state = self.model.net.step(features[None], self.state)
         probs = torch.sigmoid(logits[0, 0]).numpy()
         event = None

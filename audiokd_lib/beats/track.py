@@ -28,11 +28,10 @@ def click_track(beats: np.ndarray, downbeats: np.ndarray, samples: int, sample_r
     out = np.zeros(samples, dtype=np.float32)
     t = np.arange(int(0.03 * sample_rate)) / sample_rate
     decay = np.exp(-250 * t)
-    down = {round(float(d), 4) for d in downbeats}
-    for beat in beats:
+    for beat, down in zip(beats, np.isin(beats, downbeats)):  # downbeats are some of the beats, the same values
         start = int(round(beat * sample_rate))
         if 0 <= start < samples:
-            tone = np.sin(2 * np.pi * (2000 if round(float(beat), 4) in down else 1000) * t) * decay
+            tone = np.sin(2 * np.pi * (2000 if down else 1000) * t) * decay
             out[start:start + len(tone)] += 0.5 * tone[:samples - start].astype(np.float32)
     return out
 
@@ -41,8 +40,7 @@ def write_beats(out: Path, name: str, beats: np.ndarray, downbeats: np.ndarray, 
                 sample_rate: int | None = None) -> list[Path]:
     """`name.beats.csv` (time, downbeat 0/1) and, given the waveform, `name.clicks.wav` (music plus clicks)."""
     out.mkdir(parents=True, exist_ok=True)
-    down = {round(float(d), 4) for d in downbeats}
-    table = pd.DataFrame({"time": np.round(beats, 4), "downbeat": [int(round(float(b), 4) in down) for b in beats]})
+    table = pd.DataFrame({"time": np.round(beats, 4), "downbeat": np.isin(beats, downbeats).astype(int)})
     written = [out / f"{name}.beats.csv"]
     with atomic_path(written[0]) as tmp:
         table.to_csv(tmp, index=False)

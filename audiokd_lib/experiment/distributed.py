@@ -101,10 +101,13 @@ def wrap(model: nn.Module, head: nn.Module) -> nn.Module:
     shares `model`'s parameters: training it trains `model`."""
     if rank_and_size()[1] == 1:
         return model
+    return _ddp(_Replica, head)
+
+
+def _ddp(kind: type[DistributedDataParallel], module: nn.Module) -> DistributedDataParallel:
     # Buffers (BatchNorm's running statistics) are averaged once an epoch instead of copied from rank 0
     # before every forward pass: an average of the slices' statistics is the global batch's mean.
-    return _Replica(head, device_ids=[device().index] if torch.cuda.is_available() else None,
-                    broadcast_buffers=False)
+    return kind(module, device_ids=[device().index] if torch.cuda.is_available() else None, broadcast_buffers=False)
 
 
 class _Call(nn.Module):
@@ -125,8 +128,7 @@ def parallel(model: nn.Module, fn: Callable[..., torch.Tensor]) -> Callable[...,
     rather than its forward, such as the CRNN through its loss."""
     if rank_and_size()[1] == 1:
         return partial(fn, model)
-    return DistributedDataParallel(_Call(model, fn), device_ids=[device().index] if torch.cuda.is_available() else None,
-                                   broadcast_buffers=False)
+    return _ddp(DistributedDataParallel, _Call(model, fn))
 
 
 def any_process(flag: bool) -> bool:

@@ -359,10 +359,13 @@ def _worker_payload(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp
     return buffer.getvalue()
 
 
-def _fit_in_worker(payload: bytes, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Runs in a worker process: train one job and leave its best weights in `fitted.pt` (rank 0 of a
-    data-parallel run writes them)."""
-    work = torch.load(io.BytesIO(payload), weights_only=False)  # made a moment ago by our own parent process
+def _fit_in_worker(payload: bytes) -> FitResult:
+    """Runs in a worker process: train one job and leave its best weights in `fitted.pt`."""
+    return _fit_work(torch.load(io.BytesIO(payload), weights_only=False))  # made by our own parent process
+
+
+def _fit_work(work: dict, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """Train a loaded classifier job; its best weights go to `fitted.pt` (from rank 0 of a data-parallel run)."""
     params, job = work["params"], work["job"]
     torch.set_num_threads(params.threads)
     result = _fit_job(params, job, work["train"], work["val"], work["tp"], progress=False, on_epoch=on_epoch)
@@ -375,10 +378,13 @@ def _fit_in_worker(payload: bytes, on_epoch: Callable[[dict], None] | None = Non
 def write_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: TrainParams) -> Path:
     """Everything training one classifier run needs (settings, model, training and validation clips), saved
     as the run folder's `job.pt`: what `torchrun ... -m audiokd_lib fit JOB` trains, on one machine or several."""
-    job_file = _run_dir(params, job) / "job.pt"
-    with atomic_path(job_file) as tmp:
-        tmp.write_bytes(_worker_payload(params, job, sets, tp))
-    return job_file
+    return _save_job(_run_dir(params, job), _worker_payload(params, job, sets, tp))
+
+
+def _save_job(run_dir: Path, payload: bytes) -> Path:
+    with atomic_path(run_dir / "job.pt") as tmp:
+        tmp.write_bytes(payload)
+    return run_dir / "job.pt"
 
 
 def _with_torchrun(params: Params, job_file: Path):
@@ -414,13 +420,12 @@ def fit_job_file(job_file: str | Path) -> None:
                 print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
                       flush=True)
 
-        payload = job_file.read_bytes()
-        work = torch.load(io.BytesIO(payload), weights_only=False)  # written by this project's own training
+        work = torch.load(job_file, weights_only=False)  # written by this project's own training
         if work["kind"] == "separator":
             torch.set_num_threads(work["params"].threads)
             _, result = _train_crnn_job(work["params"], work["pieces"], on_epoch=report, progress=False)
         else:
-            result = _fit_in_worker(payload, on_epoch=report)
+            result = _fit_work(work, on_epoch=report)
         if distributed.is_main():
             with atomic_path(job_file.with_name("result.pt")) as tmp:
                 torch.save(result, tmp)
@@ -489,10 +494,9 @@ def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Pat
     if row is not None:
         return row
     if params.distributed.processes > 1:  # trained by several processes together (torchrun, data-parallel)
-        job_file = model_dir(params, name) / "job.pt"
-        with atomic_path(job_file) as tmp:
-            torch.save({"kind": "separator", "params": params, "pieces": pieces}, tmp)
-        result = _with_torchrun(params, job_file)
+        buffer = io.BytesIO()
+        torch.save({"kind": "separator", "params": params, "pieces": pieces}, buffer)
+        result = _with_torchrun(params, _save_job(model_dir(params, name), buffer.getvalue()))
         model = crnn.load_crnn(result.checkpoint)
     else:
         model, result = _train_crnn_job(params, pieces, progress=progress)
