@@ -9,6 +9,8 @@
   audiokd bench [--models MODEL...] [--profile quick]         latency, throughput, memory of models side by side
   audiokd separate FILE... --out DIR [--model MODEL]          stems of the instruments a classifier hears
   audiokd beats FILE... --out DIR [--clicks]                  beats and downbeats as CSV (and clicks over the music)
+  audiokd index DIR... --out INDEX [--kind flat|ivf|hnsw]     a similarity-search index of audio files (notebook 10)
+  audiokd search FILE --index INDEX [--top 10] [--prf] [--mmr L]   the indexed recordings most like FILE
 """
 
 from __future__ import annotations
@@ -84,6 +86,27 @@ def main(argv: list[str] | None = None) -> int:
                                                         "decoder's settings (default: %(default)s)")
     beats.add_argument("--clicks", action="store_true", help="also write the input with a click on every beat")
     beats.add_argument("--overwrite", action="store_true", help="replace existing outputs of these inputs")
+    index = commands.add_parser("index", help="embed audio files segment by segment into a search index")
+    index.add_argument("inputs", nargs="+", metavar="DIR", help="folders (searched recursively) or audio files")
+    index.add_argument("--out", required=True, metavar="INDEX", help="the index folder to write")
+    index.add_argument("--model", help="an embedding model.pt (default: the student notebook 10 ships, "
+                                       "outputs/<profile>/models/search-student/model.pt)")
+    index.add_argument("--profile", default="quick", help="profile (name or .yaml) giving the default model and "
+                                                        "the approximate indexes' settings (default: %(default)s)")
+    index.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                       help="flat: exact; ivf, hnsw: approximate, for large catalogues (default: %(default)s)")
+    index.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    search = commands.add_parser("search", help="the indexed recordings that sound most like an audio file")
+    search.add_argument("file", metavar="FILE", help="the query recording")
+    search.add_argument("--index", required=True, help="an index folder written by `audiokd index`")
+    search.add_argument("--model", help="the embedding model.pt (default: the one the index records)")
+    search.add_argument("--top", type=int, default=10, help="recordings to list (default: %(default)s)")
+    search.add_argument("--prf", nargs="?", type=int, const=3, default=0, metavar="K",
+                        help="pseudo-relevance feedback: average the query with its first K results and search "
+                             "again (K default 3)")
+    search.add_argument("--mmr", type=float, metavar="LAMBDA",
+                        help="re-rank for diversity by maximal marginal relevance (1: relevance only, 0: novelty only)")
+    search.add_argument("--json", action="store_true", help="print the results as one JSON list")
     args = parser.parse_args(argv)
 
     try:
@@ -109,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
             return _separate(args)
         elif args.command == "beats":
             return _beats(args)
+        elif args.command == "index":
+            return _index(args)
+        elif args.command == "search":
+            return _search(args)
     except (ParamsError, NotebookFailed, ValueError, FileNotFoundError, LookupError) as err:
         print(f"audiokd: {err}", file=sys.stderr)
         return 1
@@ -311,3 +338,86 @@ def _beats(args: argparse.Namespace) -> int:
         tempo = f", about {60 / float(np.median(np.diff(beats))):.0f} BPM" if len(beats) > 1 else ""
         print(f"{path}: {len(beats)} beats, {len(downbeats)} downbeats{tempo} -> {', '.join(map(str, written))}")
     return 1 if failed else 0
+
+
+def _index(args: argparse.Namespace) -> int:
+    """Embed every audio file under the inputs into a new index; unreadable files are reported, skipped and
+    make the exit status 1; an existing index is replaced only with --overwrite."""
+    from pathlib import Path
+
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from audiokd_lib.audio.loading import AudioLoadError
+    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.search.export import embed_file, runtime
+    from audiokd_lib.search.index import SearchIndex, audio_files
+    from audiokd_lib.search.model import identity
+
+    params = profile_params(args.profile)
+    model_path = Path(args.model or params.output_dir / "models" / "search-student" / "model.pt")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists already; pass --overwrite to replace it or choose another --out")
+    embedder, files = runtime(model_path), audio_files(args.inputs)
+    if not files:
+        raise ValueError(f"no audio files ({', '.join(('wav', 'flac', 'ogg', 'mp3', '...'))}) under {args.inputs}")
+    vectors, rows, failed = [], [], 0
+    for path in tqdm(files, desc="embedding", disable=len(files) < 5):
+        try:
+            found, starts = embed_file(embedder, path)
+        except AudioLoadError as err:
+            failed += 1
+            print(f"audiokd: {err} (skipped)", file=sys.stderr)
+            continue
+        vectors.append(found)
+        rows += [{"file": str(path.resolve()), "start": round(start, 3)} for start in starts]
+    if not rows:
+        raise ValueError("none of the inputs could be read; nothing indexed")
+    built = SearchIndex.build(np.concatenate(vectors), pd.DataFrame(rows), identity(model_path), args.kind,
+                              params.search.index)
+    built.save(out)
+    print(f"{len(files) - failed} files, {len(rows)} segments -> {out} ({args.kind}, model {model_path})")
+    return 1 if failed else 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    """Search each segment of FILE; list the indexed files by their best-matching segment."""
+    from pathlib import Path
+
+    from audiokd_lib.search.export import embed_file, runtime
+    from audiokd_lib.search.index import SearchIndex
+    from audiokd_lib.search.model import identity
+
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, not {args.top}")
+    if args.mmr is not None and not 0 <= args.mmr <= 1:
+        raise ValueError(f"--mmr must lie between 0 and 1, not {args.mmr}")
+    recorded = SearchIndex.load(args.index).identity
+    model_path = Path(args.model or recorded.get("model", ""))
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path}: the index's model is not there; pass --model with the model.pt "
+                                "that built it")
+    from audiokd_lib.audio.loading import AudioLoadError
+
+    index = SearchIndex.load(args.index, expected=identity(model_path))
+    try:
+        queries, starts = embed_file(runtime(model_path), args.file)
+    except AudioLoadError as err:
+        raise ValueError(str(err)) from err
+    best: dict[str, dict] = {}
+    for query, start in zip(queries, starts):
+        scores, ids = index.search(query, args.top * 4, prf_k=args.prf, mmr_lambda=args.mmr)
+        for score, i in zip(scores, ids):
+            item = index.items.iloc[int(i)]
+            if item["file"] not in best or score > best[item["file"]]["score"]:
+                best[item["file"]] = {"file": item["file"], "score": round(float(score), 4),
+                                      "segment_start": float(item["start"]), "query_start": round(start, 3)}
+    results = sorted(best.values(), key=lambda r: -r["score"])[:args.top]
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for rank, r in enumerate(results, 1):
+            print(f"{rank:3d}  {r['score']:.3f}  {r['file']}  (at {r['segment_start']:.1f} s; query at "
+                  f"{r['query_start']:.1f} s)")
+    return 0

@@ -159,44 +159,57 @@ def render_beat_pieces(root: str | Path, plan: SoundfontPlan, pp: BeatPiecesPara
     jobs = [(name, path, pp.count) for name, path in plan.train.items()]
     if plan.heldout is not None:
         jobs.append((*plan.heldout, pp.heldout_count))
-    settings = {"seed": seed, **pp.model_dump(exclude={"count", "heldout_count", "val_fraction", "test_fraction"})}
-    rows, first = [], 0
-    synths = _OnDemandSynth(pp.sample_rate, backend)
-    try:
-        for name, path, count in jobs:  # consecutive indices: every piece is a different composition
-            split = "heldout" if plan.heldout is not None and name == plan.heldout[0] else None
-            for index in tqdm(range(first, first + count), desc=f"beat pieces {name}", disable=not progress):
-                key = f"beats-{index:04d}"
-                folder = root / name / key
-                info = {"sample_key": key, "soundfont": name, "index": index, **settings}
-                if (folder / "piece.json").is_file():
-                    saved = json.loads((folder / "piece.json").read_text())
-                    if {k: saved.get(k) for k in info} != info:
-                        raise ValueError(f"{folder} was rendered with other settings; delete it or use another "
-                                         "output folder")
-                else:
-                    score = compose(seed, index, pp)
-                    info.update(metre=score.metre, tempo=round(score.tempo, 3), drift=round(score.drift, 4),
-                                drums=score.drums)
-                    folder.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{key}."))
-                    try:
-                        _render_one(tmp, score, synths.get(name, path), pp, info)
-                        shutil.rmtree(folder, ignore_errors=True)
-                        os.replace(tmp, folder)
-                    finally:
-                        shutil.rmtree(tmp, ignore_errors=True)
-                    saved = info
-                rows.append({"sample_key": key, "path": str(folder / "mixture.flac"),
-                             "beats_path": str(folder / "beats.csv"), "soundfont": name, "metre": saved["metre"],
-                             "tempo": saved["tempo"], "drift": saved["drift"], "drums": saved["drums"],
-                             "split": split or _split(index, pp)})
-            first += count
-    finally:
-        synths.close()
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    tables, first = [], 0
+    for name, path, count in jobs:  # consecutive indices: every piece is a different composition
+        table = render_versions(root, (name, path), range(first, first + count), pp, seed, backend, progress=progress)
+        heldout = plan.heldout is not None and name == plan.heldout[0]
+        table["split"] = "heldout" if heldout else [_split(i, pp) for i in range(first, first + count)]
+        tables.append(table)
+        first += count
+    table = pd.concat(tables, ignore_index=True)[COLUMNS]
     write_csv(root / "beat_pieces.csv", table)
     return table
+
+
+def render_versions(root: str | Path, soundfont: tuple[str, Path], indices, pp: BeatPiecesParams, seed: int = 0,
+                    backend: str = "auto", progress: bool = True) -> pd.DataFrame:
+    """Render (or resume) the scores `indices` with one soundfont, under `root`/<its name>; return their
+    table without a split. The score of index i is always the same
+    composition, so the same index in two soundfonts is one piece played by two bands (notebook 10's twins).
+    """
+    name, path = soundfont
+    settings = {"seed": seed, **pp.model_dump(exclude={"count", "heldout_count", "val_fraction", "test_fraction"})}
+    rows = []
+    synths = _OnDemandSynth(pp.sample_rate, backend)
+    try:
+        for index in tqdm(list(indices), desc=f"beat pieces {name}", disable=not progress):
+            key = f"beats-{index:04d}"
+            target = Path(root) / name / key
+            info = {"sample_key": key, "soundfont": name, "index": index, **settings}
+            if (target / "piece.json").is_file():
+                saved = json.loads((target / "piece.json").read_text())
+                if {k: saved.get(k) for k in info} != info:
+                    raise ValueError(f"{target} was rendered with other settings; delete it or use another "
+                                     "output folder")
+            else:
+                score = compose(seed, index, pp)
+                info.update(metre=score.metre, tempo=round(score.tempo, 3), drift=round(score.drift, 4),
+                            drums=score.drums)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
+                try:
+                    _render_one(tmp, score, synths.get(name, path), pp, info)
+                    shutil.rmtree(target, ignore_errors=True)
+                    os.replace(tmp, target)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                saved = info
+            rows.append({"sample_key": key, "path": str(target / "mixture.flac"),
+                         "beats_path": str(target / "beats.csv"), "soundfont": name, "metre": saved["metre"],
+                         "tempo": saved["tempo"], "drift": saved["drift"], "drums": saved["drums"]})
+    finally:
+        synths.close()
+    return pd.DataFrame(rows, columns=COLUMNS[:-1])
 
 
 def _split(index: int, pp: BeatPiecesParams) -> str:

@@ -398,6 +398,59 @@ class BeatsParams(_Section):
     real_recordings: int = Field(6, ge=1, description="performances of the real dataset (2-4 min each)")
 
 
+class SearchTrainParams(_Section):
+    epochs: int = Field(30, ge=1, description="an epoch: every training piece in about `segments` crops")
+    pieces_per_batch: int = Field(16, ge=2, description="pieces a batch (P); each gives `segments` crops")
+    segments: int = Field(4, ge=2, description="crops of each piece in a batch (K): the positives")
+    lr: float = Field(3e-3, gt=0.0, description="AdamW, peak of a one-cycle schedule")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    patience: int = Field(8, ge=1, description="epochs without a better validation recall@5 before stopping")
+
+
+class SearchIndexParams(_Section):
+    """The FAISS indexes compared on synthetic vectors (exact against approximate)."""
+
+    sizes: list[int] = Field([1000, 10000, 100000], min_length=1, description="catalogue sizes of the benchmark")
+    queries: int = Field(200, ge=1, description="queries timed and scored at each size")
+    nlist: int = Field(256, ge=1, description="IVF cells (capped at size / 39: FAISS wants 39 points a cell)")
+    nprobe: int = Field(8, ge=1, description="IVF cells visited by a query")
+    hnsw_m: int = Field(16, ge=2, description="HNSW links a node")
+    ef_search: int = Field(64, ge=1, description="HNSW candidates kept during a search")
+
+
+class SearchParams(_Section):
+    """Audio similarity search: multi-modal segment embeddings, metric learning, FAISS (notebook 10)."""
+
+    segment_seconds: float = Field(6.0, gt=0.0, description="length of a catalogue item")
+    segment_hop: float = Field(2.0, gt=0.0, description="seconds between the starts of a piece's segments")
+    hop_length: int = Field(512, ge=64, description="samples between feature frames (at beats.pieces' rate)")
+    n_fft: int = Field(2048, ge=256)
+    n_mels: int = Field(64, ge=8, description="timbre: log-mel bands")
+    n_chroma: int = Field(24, ge=12, description="harmony: chroma bins (24: quarter tones)")
+    tempo_lags: int = Field(48, ge=8, description="rhythm: onset autocorrelation lags (48 frames: 1.1 s)")
+    hpss: bool = Field(False, description="chroma from the harmonic part, onsets from the percussive (0.3 s a piece)")
+    embedding_dim: int = Field(64, ge=2)
+    width: int = Field(32, ge=4, description="channels of each modality's backbone (the small model)")
+    teacher_width: int = Field(128, ge=4, description="the larger model, whose embedding is distilled")
+    margin: float = Field(0.2, gt=0.0, description="triplet loss margin (Euclidean, unit vectors)")
+    temperature: float = Field(0.05, gt=0.0, description="supervised contrastive loss temperature")
+    kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's embedding in the loss")
+    train: SearchTrainParams = SearchTrainParams()
+    optuna_trials: int = Field(4, ge=0, description="Optuna trials over lr and temperature; 0: no search")
+    optuna_epochs: int = Field(8, ge=1, description="epochs of each trial")
+    index: SearchIndexParams = SearchIndexParams()
+    top: int = Field(10, ge=1, description="results a query returns")
+    prf_k: int = Field(3, ge=1, description="pseudo-relevance feedback: top results averaged into the query")
+    mmr_lambda: float = Field(0.5, ge=0.0, le=1.0, description="MMR: 1 ranks by relevance alone, 0 by novelty")
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchParams:
+        if self.segment_hop > self.segment_seconds:
+            raise ValueError(f"segment_hop ({self.segment_hop}) must not exceed segment_seconds "
+                             f"({self.segment_seconds}): parts of every piece would never be indexed")
+        return self
+
+
 class DistributedParams(_Section):
     # Several processes train one run data-parallel (experiment/distributed.py), started by torchrun:
     # one per GPU on a GPU machine. 1: a run trains in one process.
@@ -425,6 +478,7 @@ class Params(_Section):
     prune: PruneParams = PruneParams()
     separation: SeparationParams = SeparationParams()
     beats: BeatsParams = BeatsParams()
+    search: SearchParams = SearchParams()
 
     @property
     def output_dir(self) -> Path:

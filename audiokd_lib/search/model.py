@@ -1,0 +1,318 @@
+"""The embedding model, its two metric losses, distillation and training (notebook 10).
+
+- **One backbone per modality** (:class:`Backbone`): three 1-D convolutions over time, mean and max
+  pooling, a linear layer: a vector per modality.
+- **Gated fusion** (:class:`GatedFusion`): a learned sigmoid gate per modality says how much that view
+  counts for *this* segment; the gates are normalised to sum to one and weight the modality vectors.
+- **Embedding**: a projection of the fused vector, L2-normalised, so the inner product of two
+  embeddings is their cosine similarity, what the FAISS index searches by.
+- **Metric learning**: positives are other segments of the same piece (and the piece in other training
+  soundfonts), negatives every other piece in the batch. Triplet loss (margin on Euclidean distances
+  of unit vectors, batch-all) or supervised contrastive loss (Khosla et al. 2020, with a temperature).
+- **Distillation**: a small model learns the metric loss and, with weight `kd_alpha`, the direction of
+  a larger model's embedding of the same crop (1 - cosine).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from audiokd_lib.experiment.params import SearchParams
+from audiokd_lib.files import atomic_path, file_digest
+from audiokd_lib.search.features import MODALITIES, Segments, channels, crop, segment_frames, settings
+from audiokd_lib.search.metrics import retrieval_scores
+
+
+class Backbone(nn.Module):
+    """(batch, channels, frames) -> (batch, dim): three convolutions over time, mean and max pooled."""
+
+    def __init__(self, inputs: int, width: int, dim: int):
+        super().__init__()
+
+        def block(a: int, b: int, stride: int) -> list[nn.Module]:
+            return [nn.Conv1d(a, b, 3, stride, 1, bias=False), nn.BatchNorm1d(b), nn.ReLU()]
+
+        self.net = nn.Sequential(nn.BatchNorm1d(inputs), *block(inputs, width, 1), *block(width, width, 2),
+                                 *block(width, 2 * width, 2))
+        self.out = nn.Linear(4 * width, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(x)
+        return self.out(torch.cat([h.mean(-1), h.amax(-1)], dim=1))
+
+
+class GatedFusion(nn.Module):
+    """Modality vectors [(batch, dim)] -> (fused (batch, dim), weights (batch, modalities) summing to 1)."""
+
+    def __init__(self, dim: int, modalities: int):
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(dim, 1) for _ in range(modalities))
+
+    def forward(self, vectors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = torch.cat([torch.sigmoid(gate(v)) for gate, v in zip(self.gates, vectors)], dim=1)
+        weights = gates / gates.sum(dim=1, keepdim=True)
+        return (weights.unsqueeze(-1) * torch.stack(vectors, dim=1)).sum(dim=1), weights
+
+
+class EmbeddingNet(nn.Module):
+    """(timbre, harmony, rhythm) features -> unit-length embeddings (batch, dim)."""
+
+    def __init__(self, inputs: dict[str, int], width: int, dim: int):
+        super().__init__()
+        self.backbones = nn.ModuleDict({m: Backbone(inputs[m], width, dim) for m in MODALITIES})
+        self.fusion = GatedFusion(dim, len(MODALITIES))
+        self.project = nn.Linear(dim, dim)
+
+    def embed(self, timbre: torch.Tensor, harmony: torch.Tensor, rhythm: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, gate weights per modality)."""
+        views = {"timbre": timbre, "harmony": harmony, "rhythm": rhythm}
+        fused, weights = self.fusion([self.backbones[m](views[m]) for m in MODALITIES])
+        return F.normalize(self.project(fused), dim=-1), weights
+
+    def forward(self, timbre: torch.Tensor, harmony: torch.Tensor, rhythm: torch.Tensor) -> torch.Tensor:
+        return self.embed(timbre, harmony, rhythm)[0]
+
+
+@dataclass
+class Embedder:
+    """A network with what rebuilds it (`spec`: sizes, and the feature settings it reads)."""
+
+    spec: dict[str, Any]
+    net: EmbeddingNet
+
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+    def __call__(self, features: dict[str, torch.Tensor], batch: int = 256) -> np.ndarray:
+        """(n, dim) embeddings of stacked segment features, in eval mode."""
+        self.net.eval()
+        n = len(features["timbre"])
+        with torch.inference_mode():
+            return torch.cat([self.net(*(features[m][i:i + batch] for m in MODALITIES))
+                              for i in range(0, n, batch)]).numpy() if n else np.zeros((0, self.spec["dim"]),
+                                                                                          np.float32)
+
+
+def build(sp: SearchParams, sample_rate: int, width: int | None = None, seed: int | None = None) -> Embedder:
+    """An embedding model of `width` channels a backbone (default: the small model's)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    spec = {"kind": "search-embedding", "width": width or sp.width, "dim": sp.embedding_dim,
+            "inputs": channels(sp), "features": settings(sp, sample_rate),
+            "segment_seconds": sp.segment_seconds, "segment_hop": sp.segment_hop}
+    return Embedder(spec, EmbeddingNet(spec["inputs"], spec["width"], spec["dim"]))
+
+
+def save(model: Embedder, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        torch.save({"spec": model.spec, "state_dict": model.net.state_dict()}, tmp)
+    return Path(path)
+
+
+def load(path: str | Path) -> Embedder:
+    """A model saved by :func:`save` (the weights-only loader), in eval mode."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embedding model here; train one in notebook 10 (make run)")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("spec", {}).get("kind") != "search-embedding":
+        raise ValueError(f"{path} is not a search embedding checkpoint (notebook 10 writes them)")
+    spec = saved["spec"]
+    model = Embedder(spec, EmbeddingNet(spec["inputs"], spec["width"], spec["dim"]))
+    model.net.load_state_dict(saved["state_dict"])
+    model.net.eval()
+    return model
+
+
+def identity(path: str | Path) -> dict[str, Any]:
+    """What an index records of the model that made its vectors: the file, its sha256 and its spec."""
+    return {"model": str(Path(path).resolve()), "sha256": file_digest(path), "spec": load(path).spec}
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def _pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) masks of a batch: same label and not itself; other label."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Batch-all triplet loss: max(0, d(a, p) - d(a, n) + margin) over every (anchor, positive, negative)
+    of the batch, averaged over the triplets that still violate the margin (Hermans et al. 2017's
+    "batch all"; averaging over all of them would let the many easy ones drown the few that teach).
+    d is the Euclidean distance between unit vectors, sqrt(2 - 2 cos)."""
+    cos = embeddings @ embeddings.T
+    distance = (2 - 2 * cos).clamp_min(1e-12).sqrt()
+    positive, negative = _pairs(labels)
+    losses = F.relu(distance[:, :, None] - distance[:, None, :] + margin)
+    losses = losses[positive[:, :, None] & negative[:, None, :]]
+    active = losses > 0
+    return losses[active].mean() if active.any() else losses.sum() * 0.0
+
+
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out): for each anchor with positives,
+    -mean over positives p of log(exp(s_ap / T) / sum over every other a' of exp(s_aa' / T))."""
+    positive, _ = _pairs(labels)
+    logits = (embeddings @ embeddings.T / temperature).masked_fill(
+        torch.eye(len(labels), dtype=torch.bool, device=labels.device), float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    has = positive.any(dim=1)
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=1)[has] / positive.sum(dim=1)[has]
+    return per_anchor.mean()
+
+
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between the student's and the teacher's embeddings of the same crops (both unit length)."""
+    return (1 - (student * teacher).sum(dim=-1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class Recording:
+    """One training recording: its group (the composition) and its cached features."""
+
+    group: int
+    features: dict[str, np.ndarray]
+
+
+@dataclass
+class SearchFit:
+    history: pd.DataFrame     # epoch, train_loss, val_recall@5, val_mAP, seconds
+    best_epoch: int
+    best: dict[str, float]    # the kept epoch's validation scores
+
+
+def _batch(recordings: list[Recording], by_group: dict[int, list[int]], groups: list[int], length: int,
+           segments: int, rng: np.random.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`segments` random crops of each group: any of its recordings, any start."""
+    stacked, labels = {m: [] for m in MODALITIES}, []
+    for g in groups:
+        for _ in range(segments):
+            rec = recordings[by_group[g][int(rng.integers(len(by_group[g])))]]
+            frames = rec.features["timbre"].shape[1]
+            start = int(rng.integers(0, max(1, frames - length + 1)))
+            for m, x in crop(rec.features, start, length).items():
+                stacked[m].append(x)
+            labels.append(g)
+    return {m: torch.from_numpy(np.stack(x)) for m, x in stacked.items()}, torch.tensor(labels)
+
+
+def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments, Segments], sp: SearchParams, seed: int,
+                    loss: str = "supcon", teacher: Embedder | None = None, lr: float | None = None,
+                    temperature: float | None = None, epochs: int | None = None, progress: bool = True,
+                    device: str | torch.device = "cpu") -> SearchFit:
+    """Train `model.net` in place on batches of P pieces x K random crops; keep the epoch with the best
+    validation recall@5 (ties broken by mAP) of `val`'s queries against its catalogue, relevant being
+    the same group: the notebook passes validation pieces in one timbre searched among the same pieces in
+    another, where recall@5 is not already perfect after an epoch.
+
+    `loss`: "supcon" or "triplet". With `teacher`, the loss is (1 - kd_alpha) x the metric loss +
+    kd_alpha x (1 - cosine to the teacher's embedding of the same crop). On CUDA the forward passes run
+    in mixed precision (autocast, with a gradient scaler).
+    """
+    tp, device = sp.train, torch.device(device)
+    lr, temperature, epochs = lr or tp.lr, temperature or sp.temperature, epochs or tp.epochs
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    length = segment_frames(sp, model.spec["features"]["sample_rate"])
+    by_group: dict[int, list[int]] = {}
+    for i, rec in enumerate(train):
+        by_group.setdefault(rec.group, []).append(i)
+    group_ids = sorted(by_group)
+    per_batch = min(tp.pieces_per_batch, len(group_ids))
+    steps = max(1, math.ceil(len(group_ids) / per_batch))
+    net = model.net.to(device)
+    if teacher is not None:
+        teacher.net.to(device).eval()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=tp.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    metric = {"supcon": lambda e, y: supcon_loss(e, y, temperature),
+              "triplet": lambda e, y: triplet_loss(e, y, sp.margin)}[loss]
+    val_groups = [v.items["group"].to_numpy() for v in val]
+    history, best, bad = [], {"score": (-1.0, -1.0), "epoch": 0, "state": None}, 0
+    for epoch in tqdm(range(epochs), desc="epochs", disable=not progress, leave=False):
+        started, total = time.perf_counter(), 0.0
+        net.train()
+        for _ in range(steps):
+            chosen = rng.choice(group_ids, size=per_batch, replace=False)
+            x, y = _batch(train, by_group, list(chosen), length, tp.segments, rng)
+            x, y = {m: v.to(device) for m, v in x.items()}, y.to(device)
+            with torch.autocast(device.type, enabled=amp):
+                emb = net(*(x[m] for m in MODALITIES)).float()
+                value = metric(emb, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher.net(*(x[m] for m in MODALITIES)).float()
+                    value = (1 - sp.kd_alpha) * value + sp.kd_alpha * distill_loss(emb, target)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total += value.item()
+        net.cpu()
+        scores = retrieval_scores(model(val[0].features), val_groups[0], model(val[1].features), val_groups[1], (5,))
+        net.to(device)
+        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_recall@5": scores["recall@5"],
+                        "val_mAP": scores["mAP"], "seconds": time.perf_counter() - started})
+        score = (scores["recall@5"], scores["mAP"])
+        if score > best["score"]:
+            best, bad = {"score": score, "epoch": epoch + 1, "state": copy.deepcopy(net.state_dict())}, 0
+        else:
+            bad += 1
+            if bad >= tp.patience:
+                break
+    net.load_state_dict(best["state"])
+    net.cpu().eval()
+    if teacher is not None:
+        teacher.net.cpu()
+    return SearchFit(pd.DataFrame(history), best["epoch"], dict(zip(("recall@5", "mAP"), best["score"])))
+
+
+def macs(model: Embedder) -> int:
+    """Multiply-accumulates of one segment's embedding, counted by thop on the network."""
+    from thop import profile
+
+    frames = round(model.spec["segment_seconds"] * model.spec["features"]["sample_rate"]
+                   / model.spec["features"]["hop_length"])
+    inputs = tuple(torch.zeros(1, model.spec["inputs"][m], frames) for m in MODALITIES)
+    counted, _ = profile(copy.deepcopy(model.net).eval(), inputs=inputs, verbose=False)
+    return int(counted)
+
+
+
+def log_run(params, role: str, name: str, model: Embedder, fit: SearchFit, scores: dict[str, float],
+            params_file: str | Path | None = None) -> str:
+    """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
+    curve, scores, size and cost; return the run's id."""
+    from audiokd_lib.experiment import tracking
+
+    path = save(model, params.output_dir / "models" / name / "model.pt")
+    with tracking.start_run(params, role, name, {"model": name, "task": "search"}, params_file) as run:
+        for row in fit.history.to_dict("records"):
+            tracking.log_epoch({k.replace("@", "_at_"): v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
+        tracking.log_final({**{k.replace("@", "_at_"): v for k, v in scores.items()}, "params": model.params(),
+                            "macs": macs(model), "best_epoch": fit.best_epoch})
+        tracking.log_artifacts([path])
+        return run.info.run_id
