@@ -67,6 +67,7 @@ def test_every_notebook_runs_with_the_smoke_profile(smoke_chain):
     check_kd_sweep(smoke_profile)
     check_real_ablation(smoke_profile)
     check_beats(params, smoke_profile)
+    check_search(params, smoke_profile)
 
 
 def _headless_chromium():
@@ -165,6 +166,34 @@ def check_beats(params, profile: Path) -> None:
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert [(line["model"], line["alpha"]) for line in lines] == [("teacher", None), ("student", 0.0), ("student", 0.5)]
     assert all(0.0 <= line["heldout downbeat F"] <= 1.0 for line in lines)
+
+
+def check_search(params, profile: Path) -> None:
+    """Notebook 10 left four embedding models in MLflow, the shipped student with its ONNX twin, and an index
+    that the command line searches with that student: a catalogue segment finds its own recording first;
+    scripts/search_ablation.py runs on its collection: one JSON line per model."""
+    from audiokd_lib.experiment import tracking
+
+    runs = tracking.runs_frame(params, "search-student")
+    assert sorted(runs["model"]) == ["search-student-kd", "search-student-supcon", "search-student-triplet"]
+    assert runs["twin_mAP"].between(0, 1).all() and runs["within_recall_at_5"].between(0, 1).all()
+    assert len(tracking.runs_frame(params, "search-teacher")) == 1
+    shipped = params.output_dir / "models" / "search-student"
+    assert (shipped / "model.pt").is_file() and (shipped / "model.onnx").is_file()
+    items = pd.read_csv(params.output_dir / "search" / "index" / "items.csv")
+    query = items["path"].iloc[0]
+    index = params.output_dir / "search" / "cli.index"
+    for command in (["index", str(Path(query).parent), "--out", str(index), "--profile", str(profile)],
+                    ["search", query, "--index", str(index), "--top", "3", "--json"]):
+        done = subprocess.run([sys.executable, "-m", "audiokd_lib", *command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["file"] == str(Path(query).resolve())
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "search_ablation.py"), str(profile), "--variants",
+                           "none", "relational:0.5", "--seeds", "0"], capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [(line["model"], line["variant"]) for line in lines] == [("teacher", "-"), ("student", "none"),
+                                                                    ("student", "relational:0.5")]
+    assert all(0.0 <= line["twin_mAP"] <= 1.0 for line in lines)
 
 
 def check_real_ablation(profile: Path) -> None:

@@ -434,7 +434,9 @@ class SearchParams(_Section):
     teacher_width: int = Field(128, ge=4, description="the larger model, whose embedding is distilled")
     margin: float = Field(0.2, gt=0.0, description="triplet loss margin (Euclidean, unit vectors)")
     temperature: float = Field(0.05, gt=0.0, description="supervised contrastive loss temperature")
-    kd_alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the teacher's embedding in the loss")
+    kd_alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the teacher's embedding in the loss")
+    kd_loss: Literal["cosine", "relational"] = Field("relational", description="cosine: each embedding copied; "
+                                                     "relational: the batch's similarities copied")
     train: SearchTrainParams = SearchTrainParams()
     optuna_trials: int = Field(4, ge=0, description="Optuna trials over lr and temperature; 0: no search")
     optuna_epochs: int = Field(8, ge=1, description="epochs of each trial")

@@ -14,12 +14,17 @@ in other timbres:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from audiokd_lib.beats.pieces import render_beat_pieces, render_versions
 from audiokd_lib.data import tables
-from audiokd_lib.experiment.params import Params
+from audiokd_lib.experiment.params import Params, SearchParams
 from audiokd_lib.files import write_csv
+from audiokd_lib.search.features import Segments, make_segments
+from audiokd_lib.search.metrics import retrieval_scores
+from audiokd_lib.search.model import Recording
 
 COLUMNS = ["sample_key", "path", "soundfont", "group", "split", "timbre"]
 
@@ -48,3 +53,50 @@ def render_collection(params: Params, plan: tables.SoundfontPlan, progress: bool
     table = pd.concat(parts, ignore_index=True)[COLUMNS]
     write_csv(root / "search_pieces.csv", table)
     return table
+
+
+@dataclass
+class SearchSets:
+    """What notebook 10 trains on, validates on and tests on (segments: see features.make_segments).
+
+    - `train`: the `train` compositions' recordings (training and transfer soundfonts);
+    - `val`: (queries, catalogue): the `val` compositions in the training soundfont, searching the same
+      compositions in the transfer soundfont (what early stopping and Optuna watch);
+    - `within`: the `test` and `heldout` compositions, each in its own soundfont: segments searching
+      the other segments of their piece;
+    - `twin_queries` against `catalogue`: every held-out-soundfont recording searching the
+      training-soundfont recordings of every composition, for its twin.
+    """
+
+    train: list[Recording]
+    val: tuple[Segments, Segments]
+    within: Segments
+    twin_queries: Segments
+    catalogue: Segments
+
+
+def search_sets(table: pd.DataFrame, features: list[dict], sp: SearchParams, sample_rate: int) -> SearchSets:
+    """Split the collection's recordings (and their cached features) into the sets above."""
+    def segments(mask: pd.Series) -> Segments:
+        keep = mask.to_numpy()
+        return make_segments(table[keep], [f for f, k in zip(features, keep) if k], sp, sample_rate)
+
+    split, timbre = table["split"], table["timbre"]
+    return SearchSets(
+        train=[Recording(g, f) for g, f, keep in zip(table["group"], features, split.eq("train")) if keep],
+        val=(segments(split.eq("val") & timbre.eq("training")), segments(split.eq("val") & timbre.eq("transfer"))),
+        within=segments((split.eq("test") & timbre.eq("training")) | (split.eq("heldout") & timbre.eq("heldout"))),
+        twin_queries=segments(timbre.eq("heldout")),
+        catalogue=segments(timbre.eq("training")))
+
+
+def evaluate(model, sets: SearchSets, rerank=None) -> dict[str, float]:
+    """{within_recall@1, ..., within_mAP, twin_recall@1, ..., twin_mAP, distinct@10s} of a model (or any
+    callable from segment features to unit vectors), exact search, optionally re-ranked (PRF, MMR)."""
+    within = model(sets.within.features)
+    groups = sets.within.items["group"].to_numpy()
+    scores = {f"within_{k}": v for k, v in retrieval_scores(within, groups, within, groups, exclude_self=True,
+                                                            rerank=rerank).items()}
+    twin = retrieval_scores(model(sets.twin_queries.features), sets.twin_queries.items["group"].to_numpy(),
+                            model(sets.catalogue.features), sets.catalogue.items["group"].to_numpy(), rerank=rerank)
+    return scores | {f"twin_{k}": v for k, v in twin.items()}

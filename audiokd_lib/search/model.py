@@ -178,9 +178,18 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
     return per_anchor.mean()
 
 
-def distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """1 - cosine between the student's and the teacher's embeddings of the same crops (both unit length)."""
-    return (1 - (student * teacher).sum(dim=-1)).mean()
+def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """How far the student's embeddings of a batch are from the teacher's (both unit length).
+
+    cosine: 1 - cosine between the two embeddings of each crop (the student copies each vector);
+    relational: the mean squared difference of their in-batch cosine-similarity matrices (Park et al.
+    2019's relational distillation: the student copies how the crops relate, not where they lie).
+    """
+    if kind == "cosine":
+        return (1 - (student * teacher).sum(dim=-1)).mean()
+    if kind == "relational":
+        return ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+    raise ValueError(f"unknown distillation loss {kind!r}: cosine or relational")
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -226,8 +235,8 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
     another, where recall@5 is not already perfect after an epoch.
 
     `loss`: "supcon" or "triplet". With `teacher`, the loss is (1 - kd_alpha) x the metric loss +
-    kd_alpha x (1 - cosine to the teacher's embedding of the same crop). On CUDA the forward passes run
-    in mixed precision (autocast, with a gradient scaler).
+    kd_alpha x :func:`distill_loss` (`kd_loss`) to the teacher's embeddings of the same crops. On CUDA
+    the forward passes run in mixed precision (autocast, with a gradient scaler).
     """
     tp, device = sp.train, torch.device(device)
     lr, temperature, epochs = lr or tp.lr, temperature or sp.temperature, epochs or tp.epochs
@@ -264,7 +273,7 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
                 if teacher is not None:
                     with torch.no_grad():
                         target = teacher.net(*(x[m] for m in MODALITIES)).float()
-                    value = (1 - sp.kd_alpha) * value + sp.kd_alpha * distill_loss(emb, target)
+                    value = (1 - sp.kd_alpha) * value + sp.kd_alpha * distill_loss(emb, target, sp.kd_loss)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(value).backward()
             scaler.step(optimizer)
