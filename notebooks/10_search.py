@@ -200,8 +200,10 @@ display(Markdown(
     f"Within-piece recall@5 {row['within recall@5']:.3f} (target at least 0.9: "
     f"{'met' if row['within recall@5'] >= 0.9 else 'not met'}); cross-timbre recall@10 {row['twin recall@10']:.3f} "
     f"(target at least 0.5: {'met' if row['twin recall@10'] >= 0.5 else 'not met'}). "
-    f"The distilled model keeps {100 * results.loc['student-kd', 'twin mAP'] / large['twin mAP']:.0f}% of the large "
-    f"model's cross-timbre mAP; the small contrastive model trained alone, "
+    f"Of the large model's mAP (within-piece / cross-timbre), the distilled small model keeps "
+    f"{100 * results.loc['student-kd', 'within mAP'] / large['within mAP']:.0f}% / "
+    f"{100 * results.loc['student-kd', 'twin mAP'] / large['twin mAP']:.0f}%; the small contrastive model "
+    f"trained alone, {100 * results.loc['student-supcon', 'within mAP'] / large['within mAP']:.0f}% / "
     f"{100 * results.loc['student-supcon', 'twin mAP'] / large['twin mAP']:.0f}%."))
 
 # %% [markdown]

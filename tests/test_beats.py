@@ -194,7 +194,7 @@ def test_cli_writes_beats_and_clicks_and_handles_bad_input(smoke, tmp_path, caps
     assert "--overwrite" in capsys.readouterr().err  # never replaced without asking
     assert main(["beats", str(song), "--out", str(out), "--model", str(tmp_path / "none.pt"), "--profile", "smoke",
                  "--overwrite"]) == 1
-    assert "no beat model" in capsys.readouterr().err
+    assert "no beat tracker here" in capsys.readouterr().err
     (tmp_path / "other.pt").write_bytes(b"")
     torch.save({"spec": {"kind": "crnn"}}, tmp_path / "other.pt")
     assert main(["beats", str(song), "--out", str(out), "--model", str(tmp_path / "other.pt"), "--profile", "smoke",

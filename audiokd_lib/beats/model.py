@@ -35,7 +35,7 @@ from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.beats.decode import evaluate, pick_peaks
 from audiokd_lib.beats.pieces import read_beats
 from audiokd_lib.experiment.params import BeatsParams
-from audiokd_lib.files import atomic_path
+from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 
 
 class CausalFrontEnd(nn.Module):
@@ -134,19 +134,12 @@ def from_spec(spec: dict[str, Any]) -> BeatModel:
 
 
 def save(model: BeatModel, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save({"spec": model.spec, "state_dict": model.net.state_dict()}, tmp)
-    return Path(path)
+    return write_checkpoint(path, model.spec, model.net.state_dict())
 
 
 def load(path: str | Path) -> BeatModel:
     """A model saved by :func:`save` (the weights-only loader), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no beat model here; train one in notebook 09 (make run)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("spec", {}).get("kind") != "beats":
-        raise ValueError(f"{path} is not a beat tracker checkpoint (notebook 09 writes them)")
+    saved = read_kind(path, "beats", "beat tracker", "notebook 09")
     model = from_spec(saved["spec"])
     model.net.load_state_dict(saved["state_dict"])
     model.net.eval()
@@ -292,10 +285,6 @@ def log_run(params, role: str, name: str, model: BeatModel, fit: BeatFit, scores
     from audiokd_lib.experiment import tracking
 
     path = save(model, params.output_dir / "models" / name / "model.pt")
-    with tracking.start_run(params, role, name, {"model": name, "task": "beats"}, params_file) as run:
-        for row in fit.history.to_dict("records"):
-            tracking.log_epoch({k: v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
-        tracking.log_final({**scores, "params": sum(p.numel() for p in model.net.parameters()),
-                            "macs_per_second": macs_per_second(model), "best_epoch": fit.best_epoch})
-        tracking.log_artifacts([path])
-        return run.info.run_id
+    return tracking.log_trained(params, role, name, "beats", path, fit.history, {
+        **scores, "params": sum(p.numel() for p in model.net.parameters()),
+        "macs_per_second": macs_per_second(model), "best_epoch": fit.best_epoch}, params_file)

@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +38,7 @@ from audiokd_lib.data.notes import _OnDemandSynth, _quantise
 from audiokd_lib.data.synth import NoteEvent
 from audiokd_lib.data.tables import SoundfontPlan
 from audiokd_lib.experiment.params import BeatPiecesParams
-from audiokd_lib.files import write_csv
+from audiokd_lib.files import atomic_folder, write_csv
 
 METRES = {"3/4": (3, 2), "4/4": (4, 2), "6/8": (2, 3)}  # beats a bar, subdivisions a beat
 CHORD_PROGRAMS = (0, 1, 4, 16, 19, 24, 25, 48)          # pianos, organs, guitars, strings
@@ -195,14 +192,8 @@ def render_versions(root: str | Path, soundfont: tuple[str, Path], indices, pp: 
                 score = compose(seed, index, pp)
                 info.update(metre=score.metre, tempo=round(score.tempo, 3), drift=round(score.drift, 4),
                             drums=score.drums)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
-                try:
+                with atomic_folder(target) as tmp:
                     _render_one(tmp, score, synths.get(name, path), pp, info)
-                    shutil.rmtree(target, ignore_errors=True)
-                    os.replace(tmp, target)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
                 saved = info
             rows.append({"sample_key": key, "path": str(target / "mixture.flac"),
                          "beats_path": str(target / "beats.csv"), "soundfont": name, "metre": saved["metre"],

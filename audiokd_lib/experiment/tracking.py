@@ -124,6 +124,22 @@ def log_final(metrics: dict[str, float], prefix: str = "") -> None:
     mlflow.log_metrics({f"{prefix}{key}": value for key, value in metrics.items()})
 
 
+def log_trained(params: Params, role: str, name: str, task: str, weights: str | Path, history: pd.DataFrame,
+                final: dict[str, float], params_file: str | Path | None = None) -> str:
+    """One run for a model trained outside the classification runs (a beat tracker, an embedding model):
+    its learning curve (`history`, one row per `epoch`), its final scores and its weights file; return
+    the run's id. "@" in a name (recall@5) becomes "_at_", which MLflow accepts."""
+    def clean(metrics: dict) -> dict[str, float]:
+        return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch"}
+
+    with start_run(params, role, name, {"model": name, "task": task}, params_file) as run:
+        for row in history.to_dict("records"):
+            log_epoch(clean(row), int(row["epoch"]))
+        log_final(clean(final))
+        log_artifacts([weights])
+        return run.info.run_id
+
+
 def add_metrics(params: Params, run_id: str, metrics: dict[str, float]) -> None:
     """Record final scores on a run that already finished (a split measured after it was trained)."""
     setup(params)

@@ -26,8 +26,13 @@ from audiokd_lib.models.teachers import _ASTLogits, _efficientat
 
 def save_checkpoint(model: Classifier, path: str | Path, **extra: Any) -> Path:
     """Write spec + weights (+ anything in `extra`, e.g. metrics) atomically; return the path."""
+    return write_checkpoint(path, model.spec, model.state_dict(), **extra)
+
+
+def write_checkpoint(path: str | Path, spec: dict[str, Any], state_dict: dict[str, Any], **extra: Any) -> Path:
+    """Write any network's spec + weights atomically (the beat trackers and embedding models use it too)."""
     with atomic_path(path) as tmp:
-        torch.save({"spec": model.spec, "state_dict": model.state_dict(), **extra}, tmp)
+        torch.save({"spec": spec, "state_dict": state_dict, **extra}, tmp)
     return Path(path)
 
 
@@ -44,6 +49,19 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> dict[str, Any
         saved["spec"]
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise ValueError(f"{path}: not an audiokd {what} ({err})") from None
+    return saved
+
+
+def read_kind(path: str | Path, kind: str, what: str, notebook: str) -> dict[str, Any]:
+    """The spec and weights of a checkpoint whose spec is of `kind` (a beat tracker, an embedding model);
+    a missing file or a checkpoint of another kind is an error naming `what` it should be and the
+    `notebook` that writes it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {what} here; train one in {notebook} (make run)")
+    saved = read_checkpoint(path, what)
+    if not isinstance(saved["spec"], dict) or saved["spec"].get("kind") != kind:
+        raise ValueError(f"{path} is not a {what} checkpoint ({notebook} writes them)")
     return saved
 
 

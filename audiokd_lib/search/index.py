@@ -15,9 +15,6 @@ one file format. An index is a folder:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from audiokd_lib.experiment.params import SearchIndexParams
-from audiokd_lib.files import write_csv, write_json
+from audiokd_lib.files import atomic_folder, write_csv, write_json
 from audiokd_lib.search.metrics import mmr_order
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aif", ".aiff", ".opus")
@@ -84,20 +81,12 @@ class SearchIndex:
     def save(self, folder: str | Path) -> Path:
         """Write the index folder as a whole: into a temporary folder beside it, then renamed (an existing
         folder is replaced only once the new one is complete; the caller decides whether it may be)."""
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
+        with atomic_folder(folder) as tmp:
             faiss.write_index(self.index, str(tmp / "index.faiss"))
             np.save(tmp / "vectors.npy", self.vectors)
             write_csv(tmp / "items.csv", self.items)
             write_json(tmp / "identity.json", self.identity)
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return folder
+        return Path(folder)
 
     @classmethod
     def load(cls, folder: str | Path, expected: dict[str, Any] | None = None) -> SearchIndex:

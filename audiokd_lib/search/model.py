@@ -30,7 +30,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.experiment.params import SearchParams
-from audiokd_lib.files import atomic_path, file_digest
+from audiokd_lib.files import file_digest
+from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 from audiokd_lib.search.features import MODALITIES, Segments, channels, crop, segment_frames, settings
 from audiokd_lib.search.metrics import retrieval_scores
 
@@ -117,19 +118,12 @@ def build(sp: SearchParams, sample_rate: int, width: int | None = None, seed: in
 
 
 def save(model: Embedder, path: str | Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save({"spec": model.spec, "state_dict": model.net.state_dict()}, tmp)
-    return Path(path)
+    return write_checkpoint(path, model.spec, model.net.state_dict())
 
 
 def load(path: str | Path) -> Embedder:
     """A model saved by :func:`save` (the weights-only loader), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no embedding model here; train one in notebook 10 (make run)")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or saved.get("spec", {}).get("kind") != "search-embedding":
-        raise ValueError(f"{path} is not a search embedding checkpoint (notebook 10 writes them)")
+    saved = read_kind(path, "search-embedding", "search embedding model", "notebook 10")
     spec = saved["spec"]
     model = Embedder(spec, EmbeddingNet(spec["inputs"], spec["width"], spec["dim"]))
     model.net.load_state_dict(saved["state_dict"])
@@ -310,7 +304,6 @@ def macs(model: Embedder) -> int:
     return int(counted)
 
 
-
 def log_run(params, role: str, name: str, model: Embedder, fit: SearchFit, scores: dict[str, float],
             params_file: str | Path | None = None) -> str:
     """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
@@ -318,10 +311,5 @@ def log_run(params, role: str, name: str, model: Embedder, fit: SearchFit, score
     from audiokd_lib.experiment import tracking
 
     path = save(model, params.output_dir / "models" / name / "model.pt")
-    with tracking.start_run(params, role, name, {"model": name, "task": "search"}, params_file) as run:
-        for row in fit.history.to_dict("records"):
-            tracking.log_epoch({k.replace("@", "_at_"): v for k, v in row.items() if k != "epoch"}, int(row["epoch"]))
-        tracking.log_final({**{k.replace("@", "_at_"): v for k, v in scores.items()}, "params": model.params(),
-                            "macs": macs(model), "best_epoch": fit.best_epoch})
-        tracking.log_artifacts([path])
-        return run.info.run_id
+    return tracking.log_trained(params, role, name, "search", path, fit.history, {
+        **scores, "params": model.params(), "macs": macs(model), "best_epoch": fit.best_epoch}, params_file)

@@ -7,9 +7,6 @@ the mapping cannot do.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,7 @@ import pandas as pd
 
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.data.taxonomy import OPENMIC_CLASSES
-from audiokd_lib.files import write_json
+from audiokd_lib.files import atomic_folder, write_json
 from audiokd_lib.separation.crnn import FOUR_STEMS
 from audiokd_lib.separation.separator import SIX_STEMS, Separation
 
@@ -132,18 +129,11 @@ def write_selection(out_dir: str | Path, track: str, separation: Separation, sel
     unknown = [s for s in selection.chosen if s not in separation.stems]
     if unknown:
         raise ValueError(f"chosen stems {unknown} are not among the separator's {list(separation.stems)}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{track}."))
-    try:
+    with atomic_folder(target) as tmp:
         for stem in selection.chosen:
             save_audio(tmp / f"{stem}.wav", separation.stems[stem], separation.sample_rate, subtype="FLOAT")
         write_json(tmp / "manifest.json", {
             "track": track, "sample_rate": separation.sample_rate, "stems": list(separation.stems),
             "files": {s: f"{s}.wav" for s in selection.chosen}, **selection.as_dict(), **(info or {}),
         })
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
