@@ -116,8 +116,9 @@ plt.show()
 # broken by mAP) is kept.
 #
 # Optuna first tries `search.optuna_trials` learning rates and temperatures for the small contrastive
-# model, each trained `search.optuna_epochs` epochs and scored by validation mAP (recall@5 is
-# already perfect for most trials, so it cannot rank them). The models below use the best trial's values.
+# model, each trained `search.optuna_epochs` epochs and scored by validation mAP (recall@5 is often
+# already perfect, so it cannot rank them). All four models below use the best trial's learning rate
+# (and the contrastive ones its temperature).
 
 # %%
 def trial_score(trial: optuna.Trial) -> float:
