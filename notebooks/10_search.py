@@ -283,7 +283,8 @@ index_dir = index.save(params.output_dir / "search" / "index")
 scores_found, ids = index.search(vectors[0], sp.top)
 assert ids[0] == 0, "the index must find an item itself first"
 
-tricks = {"plain": None, f"PRF (k={sp.prf_k})": prf(sp.prf_k), f"MMR (lambda={sp.mmr_lambda:g})": mmr(sp.mmr_lambda, sp.top)}
+tricks = {"plain": None, f"PRF (k={sp.prf_k})": prf(sp.prf_k),
+          f"MMR (lambda={sp.mmr_lambda:g})": mmr(sp.mmr_lambda, sp.top)}
 trick_rows = [{"query": trick, **{k.replace("_", " "): v for k, v in evaluate(models[shipped], sets, rerank).items()}}
               for trick, rerank in tricks.items()]
 display(pd.DataFrame(trick_rows).set_index("query").round(3))

@@ -240,8 +240,8 @@ def test_index_and_search_from_the_command_line(tmp_path, capsys):
     (music / "sub").mkdir(parents=True)
     t = np.arange(int(4 * RATE)) / RATE
     for i, freq in enumerate((220, 330, 495)):
-        sf.write(music / ("sub" if i else ".") / f"tone{i}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32),
-                 RATE)
+        tone = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+        sf.write(music / ("sub" if i else ".") / f"tone{i}.wav", tone, RATE)
     (music / "broken.wav").write_bytes(b"")
     index = tmp_path / "music.index"
     assert main(["index", str(music), "--out", str(index), "--model", str(model_path)]) == 1  # broken.wav: reported
@@ -254,7 +254,8 @@ def test_index_and_search_from_the_command_line(tmp_path, capsys):
     import json
 
     results = json.loads(capsys.readouterr().out)
-    assert len(results) == 2 and results[0]["file"].endswith("tone1.wav") and results[0]["score"] == pytest.approx(1, abs=1e-4)
+    assert len(results) == 2 and results[0]["file"].endswith("tone1.wav")
+    assert results[0]["score"] == pytest.approx(1, abs=1e-4)
     assert main(["search", str(music / "tone0.wav"), "--index", str(index), "--prf", "--mmr", "0.5"]) == 0
     assert "tone0.wav" in capsys.readouterr().out.splitlines()[0]
     other = embedding.save(embedding.build(SP, RATE, seed=1), tmp_path / "other" / "model.pt")

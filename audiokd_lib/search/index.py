@@ -41,7 +41,8 @@ def make_faiss(kind: str, dim: int, size: int, ip: SearchIndexParams) -> faiss.I
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "ivf":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, max(1, min(ip.nlist, size // 39)), faiss.METRIC_INNER_PRODUCT)
+        cells = max(1, min(ip.nlist, size // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, cells, faiss.METRIC_INNER_PRODUCT)
         index.nprobe = ip.nprobe
         return index
     if kind == "hnsw":
@@ -93,14 +94,16 @@ class SearchIndex:
         """Read an index folder; with `expected` (the querying model's :func:`~audiokd_lib.search.model.identity`),
         refuse an index whose vectors another model made."""
         folder = Path(folder)
-        missing = [n for n in ("index.faiss", "vectors.npy", "items.csv", "identity.json") if not (folder / n).is_file()]
+        files = ("index.faiss", "vectors.npy", "items.csv", "identity.json")
+        missing = [n for n in files if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder}: not a search index (missing {', '.join(missing)}); "
                                     "build one with `audiokd index DIR... --out INDEX`")
         identity = json.loads((folder / "identity.json").read_text())
         if expected is not None and identity.get("sha256") != expected.get("sha256"):
             raise IndexMismatch(
-                f"{folder} was built with the model {identity.get('model')} (sha256 {str(identity.get('sha256'))[:12]}), "
+                f"{folder} was built with the model {identity.get('model')} "
+                f"(sha256 {str(identity.get('sha256'))[:12]}), "
                 f"not {expected.get('model')} (sha256 {str(expected.get('sha256'))[:12]}): embeddings of two models "
                 "cannot be compared. Query it with the model it records, or rebuild it with `audiokd index`.")
         return cls(faiss.read_index(str(folder / "index.faiss")), np.load(folder / "vectors.npy"),

@@ -219,8 +219,8 @@ def _batch(recordings: list[Recording], by_group: dict[int, list[int]], groups: 
     return {m: torch.from_numpy(np.stack(x)) for m, x in stacked.items()}, torch.tensor(labels)
 
 
-def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments, Segments], sp: SearchParams, seed: int,
-                    loss: str = "supcon", teacher: Embedder | None = None, lr: float | None = None,
+def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments, Segments], sp: SearchParams,
+                    seed: int, loss: str = "supcon", teacher: Embedder | None = None, lr: float | None = None,
                     temperature: float | None = None, epochs: int | None = None, progress: bool = True,
                     device: str | torch.device = "cpu") -> SearchFit:
     """Train `model.net` in place on batches of P pieces x K random crops; keep the epoch with the best
