@@ -265,3 +265,25 @@ def test_index_and_search_from_the_command_line(tmp_path, capsys):
     assert "broken.wav" in capsys.readouterr().err
     assert main(["search", str(music / "tone0.wav"), "--index", str(tmp_path / "none")]) == 1
     assert "not a search index" in capsys.readouterr().err
+
+
+def test_without_a_second_soundfont_validation_searches_itself_and_twins_are_not_measured():
+    """A machine with one soundfont (the pip-only fallback, or no transfer soundfont): validation segments
+    search each other, and the cross-timbre scores are NaN (not measured), never an error."""
+    from audiokd_lib.search.collection import evaluate, search_sets
+
+    frames = 3 * features.segment_frames(SP, RATE)
+    recs = _recordings(6, 1, frames)
+    table = pd.DataFrame({"sample_key": [f"p{i}" for i in range(6)], "group": range(6), "timbre": "training",
+                          "split": ["train", "train", "train", "val", "val", "test"]})
+    sets = search_sets(table, [r.features for r in recs], SP, RATE)
+    assert sets.val[0] is sets.val[1] and len(sets.twin_queries) == 0 and len(sets.train) == 3
+    assert list(sets.val[0].items["group"]) == [3] * 5 + [4] * 5  # 6 s pieces: 2 s segments every second
+    model = embedding.build(SP, RATE, seed=0)
+    fit = embedding.train_embedding(model, sets.train, sets.val, SP.model_copy(
+        update={"train": SP.train.model_copy(update={"epochs": 1})}), 0, progress=False)
+    assert 0 <= fit.best["mAP"] <= 1
+    scores = evaluate(model, sets)
+    assert 0 <= scores["within_mAP"] <= 1 and math.isnan(scores["twin_mAP"])
+    with pytest.raises(ValueError, match="no `val` pieces"):
+        search_sets(table[table["split"] != "val"], [r.features for r in recs[:3] + recs[5:]], SP, RATE)

@@ -130,7 +130,7 @@ def log_trained(params: Params, role: str, name: str, task: str, weights: str | 
     its learning curve (`history`, one row per `epoch`), its final scores and its weights file; return
     the run's id. "@" in a name (recall@5) becomes "_at_", which MLflow accepts."""
     def clean(metrics: dict) -> dict[str, float]:
-        return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch"}
+        return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch" and v == v}  # not NaN
 
     with start_run(params, role, name, {"model": name, "task": task}, params_file) as run:
         for row in history.to_dict("records"):

@@ -61,11 +61,13 @@ class SearchSets:
 
     - `train`: the `train` compositions' recordings (training and transfer soundfonts);
     - `val`: (queries, catalogue): the `val` compositions in the training soundfont, searching the same
-      compositions in the transfer soundfont (what early stopping and Optuna watch);
+      compositions in the transfer soundfont (what early stopping and Optuna watch); without a transfer
+      soundfont, the same segments twice: each searches the others of its piece;
     - `within`: the `test` and `heldout` compositions, each in its own soundfont: segments searching
       the other segments of their piece;
     - `twin_queries` against `catalogue`: every held-out-soundfont recording searching the
-      training-soundfont recordings of every composition, for its twin.
+      training-soundfont recordings of every composition, for its twin (no queries without a
+      held-out soundfont).
     """
 
     train: list[Recording]
@@ -82,9 +84,15 @@ def search_sets(table: pd.DataFrame, features: list[dict], sp: SearchParams, sam
         return make_segments(table[keep], [f for f, k in zip(features, keep) if k], sp, sample_rate)
 
     split, timbre = table["split"], table["timbre"]
+    for needed in ("train", "val"):
+        if not split.eq(needed).any():
+            raise ValueError(f"no `{needed}` pieces among the {table['group'].nunique()} compositions: raise "
+                             "beats.pieces.count (or its val_fraction) in the profile")
+    val = segments(split.eq("val") & timbre.eq("training"))
+    other = segments(split.eq("val") & timbre.eq("transfer"))
     return SearchSets(
         train=[Recording(g, f) for g, f, keep in zip(table["group"], features, split.eq("train")) if keep],
-        val=(segments(split.eq("val") & timbre.eq("training")), segments(split.eq("val") & timbre.eq("transfer"))),
+        val=(val, other if len(other) else val),
         within=segments((split.eq("test") & timbre.eq("training")) | (split.eq("heldout") & timbre.eq("heldout"))),
         twin_queries=segments(timbre.eq("heldout")),
         catalogue=segments(timbre.eq("training")))
@@ -97,6 +105,8 @@ def evaluate(model, sets: SearchSets, rerank=None) -> dict[str, float]:
     groups = sets.within.items["group"].to_numpy()
     scores = {f"within_{k}": v for k, v in retrieval_scores(within, groups, within, groups, exclude_self=True,
                                                             rerank=rerank).items()}
+    if not len(sets.twin_queries):  # no held-out soundfont on this machine: nothing to measure
+        return scores | {k.replace("within_", "twin_"): float("nan") for k in scores}
     twin = retrieval_scores(model(sets.twin_queries.features), sets.twin_queries.items["group"].to_numpy(),
                             model(sets.catalogue.features), sets.catalogue.items["group"].to_numpy(), rerank=rerank)
     return scores | {f"twin_{k}": v for k, v in twin.items()}

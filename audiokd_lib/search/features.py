@@ -128,4 +128,5 @@ def make_segments(table: pd.DataFrame, feats: list[dict[str, np.ndarray]], sp: S
             for m, x in crop(f, start, length).items():
                 stacked[m].append(x)
             rows.append({**record, "group": record[group], "start": start * sp.hop_length / sample_rate})
-    return Segments({m: torch.from_numpy(np.stack(x)) for m, x in stacked.items()}, pd.DataFrame(rows))
+    return Segments({m: torch.from_numpy(np.stack(x)) if x else torch.zeros(0) for m, x in stacked.items()},
+                    pd.DataFrame(rows, columns=list(dict.fromkeys([*table.columns, "group", "start"]))))

@@ -226,7 +226,8 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
     """Train `model.net` in place on batches of P pieces x K random crops; keep the epoch with the best
     validation recall@5 (ties broken by mAP) of `val`'s queries against its catalogue, relevant being
     the same group: the notebook passes validation pieces in one timbre searched among the same pieces in
-    another, where recall@5 is not already perfect after an epoch.
+    another, where recall@5 is not already perfect after an epoch. The same Segments twice: each segment
+    searches the others (never finding itself).
 
     `loss`: "supcon" or "triplet". With `teacher`, the loss is (1 - kd_alpha) x the metric loss +
     kd_alpha x :func:`distill_loss` (`kd_loss`) to the teacher's embeddings of the same crops. On CUDA
@@ -275,7 +276,8 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
             scheduler.step()
             total += value.item()
         net.cpu()
-        scores = retrieval_scores(model(val[0].features), val_groups[0], model(val[1].features), val_groups[1], (5,))
+        scores = retrieval_scores(model(val[0].features), val_groups[0], model(val[1].features), val_groups[1], (5,),
+                                  exclude_self=val[0] is val[1])
         net.to(device)
         history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_recall@5": scores["recall@5"],
                         "val_mAP": scores["mAP"], "seconds": time.perf_counter() - started})
