@@ -374,8 +374,8 @@ def _index(args: argparse.Namespace) -> int:
         rows += [{"file": str(path.resolve()), "start": round(start, 3)} for start in starts]
     if not rows:
         raise ValueError("none of the inputs could be read; nothing indexed")
-    built = SearchIndex.build(np.concatenate(vectors), pd.DataFrame(rows), identity(model_path), args.kind,
-                              params.search.index)
+    built = SearchIndex.build(np.concatenate(vectors), pd.DataFrame(rows), identity(model_path, embedder.spec),
+                              args.kind, params.search.index)
     built.save(out)
     print(f"{len(files) - failed} files, {len(rows)} segments -> {out} ({args.kind}, model {model_path})")
     return 1 if failed else 0
@@ -385,6 +385,7 @@ def _search(args: argparse.Namespace) -> int:
     """Search each segment of FILE; list the indexed files by their best-matching segment."""
     from pathlib import Path
 
+    from audiokd_lib.audio.loading import AudioLoadError
     from audiokd_lib.search.export import embed_file, runtime
     from audiokd_lib.search.index import SearchIndex
     from audiokd_lib.search.model import identity
@@ -393,16 +394,15 @@ def _search(args: argparse.Namespace) -> int:
         raise ValueError(f"--top must be at least 1, not {args.top}")
     if args.mmr is not None and not 0 <= args.mmr <= 1:
         raise ValueError(f"--mmr must lie between 0 and 1, not {args.mmr}")
-    recorded = SearchIndex.load(args.index).identity
-    model_path = Path(args.model or recorded.get("model", ""))
+    index = SearchIndex.load(args.index)
+    model_path = Path(args.model or index.identity.get("model", ""))
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path}: the index's model is not there; pass --model with the model.pt "
                                 "that built it")
-    from audiokd_lib.audio.loading import AudioLoadError
-
-    index = SearchIndex.load(args.index, expected=identity(model_path))
+    embedder = runtime(model_path)
+    index.check(identity(model_path, embedder.spec), args.index)
     try:
-        queries, starts = embed_file(runtime(model_path), args.file)
+        queries, starts = embed_file(embedder, args.file)
     except AudioLoadError as err:
         raise ValueError(str(err)) from err
     best: dict[str, dict] = {}

@@ -282,7 +282,7 @@ print(f"{onnx_path.name}: MSE {parity['mse']:.1e} (target under 1e-5), lowest co
 # %%
 vectors = export.runtime(model_path)(catalogue.features)
 index = SearchIndex.build(vectors, catalogue.items[["sample_key", "soundfont", "group", "start", "path"]],
-                          embedding.identity(model_path))
+                          embedding.identity(model_path, models[shipped].spec))
 index_dir = index.save(params.output_dir / "search" / "index")
 scores_found, ids = index.search(vectors[0], sp.top)
 assert ids[0] == 0, "the index must find an item itself first"

@@ -195,7 +195,7 @@ def check_search(params, profile: Path) -> None:
                                                                     ("student", "relational:0.5")]
     assert all(0.0 <= line["twin_mAP"] <= 1.0 for line in lines)
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "search_index_bench.py"), str(profile), "--set",
-                           "ef_search=32"], capture_output=True, text=True, check=True)
+                           "search.index.ef_search=32"], capture_output=True, text=True, check=True)
     assert [line.split()[:2] for line in done.stdout.splitlines()[1:]] == [
         [str(size), kind] for size in params.search.index.sizes for kind in ("flat", "ivf", "hnsw")]
 

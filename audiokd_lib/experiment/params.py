@@ -539,9 +539,10 @@ def _explain(err: dict, path: Path | str) -> str:
     return f"{path}: key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 
-def profile_params(profile: str) -> Params:
-    """A profile as the CLI's --profile names it: `quick` (params/quick.yaml) or a path to a YAML file."""
-    return load_params(profile if profile.endswith(".yaml") else Path("params") / f"{profile}.yaml")
+def profile_params(profile: str, overrides: list[str] | None = None) -> Params:
+    """A profile as the CLI's --profile names it: `quick` (params/quick.yaml) or a path to a YAML file;
+    `overrides` as :func:`load_params` takes them."""
+    return load_params(profile if profile.endswith(".yaml") else Path("params") / f"{profile}.yaml", overrides)
 
 
 def load_params(path: str | Path, overrides: list[str] | None = None, profile: str | None = None) -> Params:

@@ -6,20 +6,21 @@ and onnxruntime is installed, with PyTorch otherwise: both give the same vectors
 
 from __future__ import annotations
 
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
+import pandas as pd
 import torch
 
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.compress.export import onnx_session
+from audiokd_lib.experiment.metrics import median_ms
 from audiokd_lib.experiment.params import SearchParams
 from audiokd_lib.files import atomic_path
 from audiokd_lib.search import model as embedding
-from audiokd_lib.search.features import FEATURE_KEYS, MODALITIES, crop, piece_features, segment_frames, segment_starts
+from audiokd_lib.search.features import FEATURE_KEYS, MODALITIES, make_segments, piece_features
 
 OPSET = 17
 
@@ -44,10 +45,10 @@ class OnnxEmbedder:
         self.spec, self.session = spec, onnx_session(path, threads)
 
     def __call__(self, features: dict[str, torch.Tensor], batch: int = 256) -> np.ndarray:
-        n = len(features["timbre"])
-        return np.concatenate([self.session.run(["embedding"], {m: features[m][i:i + batch].numpy()
-                                                                 for m in MODALITIES})[0]
-                               for i in range(0, n, batch)]) if n else np.zeros((0, self.spec["dim"]), np.float32)
+        def run(*views: torch.Tensor) -> np.ndarray:
+            return self.session.run(["embedding"], {m: v.numpy() for m, v in zip(MODALITIES, views)})[0]
+
+        return embedding.in_batches(run, features, self.spec["dim"], batch)
 
 
 def check_onnx(model: embedding.Embedder, path: str | Path, features: dict[str, torch.Tensor],
@@ -60,15 +61,8 @@ def check_onnx(model: embedding.Embedder, path: str | Path, features: dict[str, 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times = {}
-        for name, run in (("pytorch", model), ("onnxruntime", onnx_model)):
-            run(one)
-            took = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                run(one)
-                took.append(time.perf_counter() - started)
-            times[f"{name}_ms"] = 1000 * float(np.median(took))
+        times = {f"{name}_ms": median_ms(run, one, repeats, warmup=1)
+                 for name, run in (("pytorch", model), ("onnxruntime", onnx_model))}
     finally:
         torch.set_num_threads(previous)
     return {"mse": float(np.mean((expected - got) ** 2)), "min_cosine": float((expected * got).sum(1).min()),
@@ -98,7 +92,5 @@ def embed_file(embedder, path: str | Path) -> tuple[np.ndarray, list[float]]:
     than a segment is one segment, padded with silence). Unreadable files raise AudioLoadError."""
     sp, rate = search_params(embedder.spec), embedder.spec["features"]["sample_rate"]
     feats = piece_features(load_audio(path, rate)[0].numpy(), rate, sp)
-    length = segment_frames(sp, rate)
-    starts = segment_starts(feats["timbre"].shape[1], sp, rate)
-    stacked = {m: torch.from_numpy(np.stack([crop(feats, s, length)[m] for s in starts])) for m in MODALITIES}
-    return embedder(stacked), [s * sp.hop_length / rate for s in starts]
+    segments = make_segments(pd.DataFrame({"group": [0]}), [feats], sp, rate)
+    return embedder(segments.features), segments.items["start"].tolist()

@@ -48,7 +48,8 @@ def piece_features(wave: np.ndarray, sample_rate: int, sp: SearchParams) -> dict
     harmonic, percussive = librosa.decompose.hpss(spectrum) if sp.hpss else (spectrum, spectrum)
     mel = librosa.feature.melspectrogram(S=spectrum ** 2, sr=sample_rate, n_mels=sp.n_mels)
     chroma = librosa.feature.chroma_stft(S=harmonic ** 2, sr=sample_rate, n_chroma=sp.n_chroma)
-    percussive_mel = librosa.feature.melspectrogram(S=percussive ** 2, sr=sample_rate, n_mels=sp.n_mels)
+    percussive_mel = (librosa.feature.melspectrogram(S=percussive ** 2, sr=sample_rate, n_mels=sp.n_mels)
+                      if sp.hpss else mel)
     onsets = librosa.onset.onset_strength(S=librosa.power_to_db(percussive_mel), sr=sample_rate)
     tempogram = librosa.feature.tempogram(onset_envelope=onsets, sr=sample_rate, hop_length=sp.hop_length,
                                           win_length=sp.tempo_lags)

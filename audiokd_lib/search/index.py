@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from audiokd_lib.experiment.params import SearchIndexParams
 from audiokd_lib.files import atomic_folder, write_csv, write_json
-from audiokd_lib.search.metrics import mmr_order
+from audiokd_lib.search.metrics import expand_query, mmr_order
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aif", ".aiff", ".opus")
 
@@ -99,15 +99,21 @@ class SearchIndex:
         if missing:
             raise FileNotFoundError(f"{folder}: not a search index (missing {', '.join(missing)}); "
                                     "build one with `audiokd index DIR... --out INDEX`")
-        identity = json.loads((folder / "identity.json").read_text())
-        if expected is not None and identity.get("sha256") != expected.get("sha256"):
+        index = cls(faiss.read_index(str(folder / "index.faiss")), np.load(folder / "vectors.npy"),
+                    pd.read_csv(folder / "items.csv"), json.loads((folder / "identity.json").read_text()))
+        if expected is not None:
+            index.check(expected, folder)
+        return index
+
+    def check(self, expected: dict[str, Any], where: str | Path = "the index") -> None:
+        """Refuse a querying model (its :func:`~audiokd_lib.search.model.identity`) other than the one that
+        made the vectors."""
+        if self.identity.get("sha256") != expected.get("sha256"):
             raise IndexMismatch(
-                f"{folder} was built with the model {identity.get('model')} "
-                f"(sha256 {str(identity.get('sha256'))[:12]}), "
+                f"{where} was built with the model {self.identity.get('model')} "
+                f"(sha256 {str(self.identity.get('sha256'))[:12]}), "
                 f"not {expected.get('model')} (sha256 {str(expected.get('sha256'))[:12]}): embeddings of two models "
                 "cannot be compared. Query it with the model it records, or rebuild it with `audiokd index`.")
-        return cls(faiss.read_index(str(folder / "index.faiss")), np.load(folder / "vectors.npy"),
-                   pd.read_csv(folder / "items.csv"), identity)
 
     def search(self, query: np.ndarray, top: int = 10, prf_k: int = 0, mmr_lambda: float | None = None,
                pool: int = 50) -> tuple[np.ndarray, np.ndarray]:
@@ -120,8 +126,7 @@ class SearchIndex:
         wanted = min(len(self.vectors), max(top, pool if mmr_lambda is not None else top, prf_k))
         _, ids = self.index.search(query, wanted)
         if prf_k:
-            expanded = query[0] + self.vectors[ids[0][ids[0] >= 0][:prf_k]].sum(axis=0)
-            query = (expanded / max(float(np.linalg.norm(expanded)), 1e-12)).reshape(1, -1).astype(np.float32)
+            query = expand_query(query[0], self.vectors[ids[0][ids[0] >= 0][:prf_k]]).reshape(1, -1)
             _, ids = self.index.search(query, wanted)
         ids = ids[0][ids[0] >= 0]
         if mmr_lambda is not None:

@@ -53,14 +53,18 @@ def retrieval_scores(queries: np.ndarray, query_groups: np.ndarray, catalogue: n
     return out
 
 
+def expand_query(query: np.ndarray, results: np.ndarray) -> np.ndarray:
+    """Pseudo-relevance feedback's new query: the query and its first results (rows) averaged, re-normalised
+    (Rocchio's formula with every weight equal)."""
+    expanded = query + results.sum(axis=0)
+    return (expanded / max(float(np.linalg.norm(expanded)), 1e-12)).astype(np.float32)
+
+
 def prf(k: int) -> Reranker:
-    """Pseudo-relevance feedback: the query and its k first results averaged (then re-normalised) into a
-    new query, and the catalogue searched again (Rocchio's formula with every weight equal)."""
+    """Pseudo-relevance feedback: the query expanded by its k first results, and the catalogue searched again."""
 
     def rerank(query: np.ndarray, catalogue: np.ndarray, order: np.ndarray) -> np.ndarray:
-        expanded = query + catalogue[order[:k]].sum(axis=0)
-        expanded = expanded / max(float(np.linalg.norm(expanded)), 1e-12)
-        sims = catalogue[order] @ expanded
+        sims = catalogue[order] @ expand_query(query, catalogue[order[:k]])
         return order[np.argsort(-sims, kind="stable")]
 
     return rerank

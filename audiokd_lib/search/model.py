@@ -100,11 +100,17 @@ class Embedder:
     def __call__(self, features: dict[str, torch.Tensor], batch: int = 256) -> np.ndarray:
         """(n, dim) embeddings of stacked segment features, in eval mode."""
         self.net.eval()
-        n = len(features["timbre"])
         with torch.inference_mode():
-            return torch.cat([self.net(*(features[m][i:i + batch] for m in MODALITIES))
-                              for i in range(0, n, batch)]).numpy() if n else np.zeros((0, self.spec["dim"]),
-                                                                                          np.float32)
+            return in_batches(lambda *views: self.net(*views).numpy(), features, self.spec["dim"], batch)
+
+
+def in_batches(run, features: dict[str, torch.Tensor], dim: int, batch: int = 256) -> np.ndarray:
+    """(n, dim) embeddings: `run(timbre, harmony, rhythm)` (a network, an ONNX session) on `batch` segments at a
+    time; an empty set gives an empty array."""
+    n = len(features["timbre"])
+    if not n:
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate([run(*(features[m][i:i + batch] for m in MODALITIES)) for i in range(0, n, batch)])
 
 
 def build(sp: SearchParams, sample_rate: int, width: int | None = None, seed: int | None = None) -> Embedder:
@@ -131,9 +137,9 @@ def load(path: str | Path) -> Embedder:
     return model
 
 
-def identity(path: str | Path) -> dict[str, Any]:
+def identity(path: str | Path, spec: dict[str, Any]) -> dict[str, Any]:
     """What an index records of the model that made its vectors: the file, its sha256 and its spec."""
-    return {"model": str(Path(path).resolve()), "sha256": file_digest(path), "spec": load(path).spec}
+    return {"model": str(Path(path).resolve()), "sha256": file_digest(path), "spec": spec}
 
 
 # ---------------------------------------------------------------------------------------------- losses
