@@ -48,8 +48,8 @@ def resolve_model(model: str, profile: str | None = None) -> Path:
     if profile is None:
         raise FileNotFoundError(f"{model}: no such checkpoint file; give a path to a model.pt, or a role name "
                                 "(teacher, student-baseline, student-kd) together with --profile")
-    from audiokd_lib.experiment import tracking
-    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.core import tracking
+    from audiokd_lib.core.params import profile_params
 
     params = profile_params(profile)
     return tracking.artifact_path(tracking.latest_run(params, model), "model.pt")

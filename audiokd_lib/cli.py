@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from audiokd_lib.experiment.params import ParamsError
+from audiokd_lib.core.params import ParamsError
 from audiokd_lib.experiment.pipeline import NotebookFailed, run_notebooks
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             _run(args)
         elif args.command == "report":
-            from audiokd_lib.experiment.params import profile_params
+            from audiokd_lib.core.params import profile_params
             from audiokd_lib.experiment.pipeline import write_report
 
             for page in write_report(profile_params(args.profile)):
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "mlflow":
             return _mlflow_ui(args)
         elif args.command == "fit":
-            from audiokd_lib.experiment.runs import fit_job_file
+            from audiokd_lib.experiment.workers import fit_job_file
 
             fit_job_file(args.job)
         elif args.command == "classify":
@@ -149,7 +149,7 @@ def _run(args: argparse.Namespace) -> None:
     notebooks read and MLflow stores with every run. A sweep names each profile after its changes
     (quick-kd.temperature=2) so their outputs never mix, and ends with their tables side by side.
     """
-    from audiokd_lib.experiment.params import expand_sweeps, load_params, write_effective
+    from audiokd_lib.core.params import expand_sweeps, load_params, write_effective
     from audiokd_lib.experiment.report import compare_profiles
 
     if not args.overrides:
@@ -178,8 +178,8 @@ def _mlflow_ui(args: argparse.Namespace) -> int:
     """Serve the MLflow UI for a profile's store on 127.0.0.1 (no one else on the network sees it)."""
     import subprocess
 
-    from audiokd_lib.experiment import tracking
-    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.core import tracking
+    from audiokd_lib.core.params import profile_params
 
     params = profile_params(args.profile)
     if not (params.output_dir / "mlflow.db").is_file():
@@ -198,8 +198,8 @@ def _print_table(params_file: str) -> None:
     """After a run, the table the notebooks built, read back from the profile's MLflow store."""
     import pandas as pd
 
-    from audiokd_lib.experiment.params import load_params
-    from audiokd_lib.experiment.runs import results_table
+    from audiokd_lib.core.params import load_params
+    from audiokd_lib.experiment.results import results_table
 
     table = results_table(load_params(params_file))
     if len(table):
@@ -230,7 +230,7 @@ def _classify(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> None:
     """Measure the models, print the comparison, and write it as CSV when asked."""
     from audiokd_lib.compress.bench import DEFAULT_MODELS, bench, describe
-    from audiokd_lib.files import write_csv
+    from audiokd_lib.core.files import write_csv
 
     table, source = bench(args.models or DEFAULT_MODELS, args.profile, batch=args.batch, threads=args.threads,
                           repeats=args.repeats)
@@ -245,7 +245,7 @@ def _separate(args: argparse.Namespace) -> int:
 
     from audiokd_lib.audio.loading import AudioLoadError, load_audio
     from audiokd_lib.classify import SILENCE_DBFS, classify_file, load_model
-    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.core.params import profile_params
     from audiokd_lib.separation.separator import open_separator, separate
     from audiokd_lib.separation.stem_selection import select_stems, write_selection
 
@@ -319,7 +319,7 @@ def _beats(args: argparse.Namespace) -> int:
     from audiokd_lib.beats import decode
     from audiokd_lib.beats import model as beatnet
     from audiokd_lib.beats.track import track_file, write_beats
-    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.core.params import profile_params
 
     params = profile_params(args.profile)
     model = beatnet.load(args.model or params.output_dir / "models" / "beats-student-kd" / "model.pt")
@@ -349,7 +349,7 @@ def _index(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from audiokd_lib.audio.loading import AudioLoadError
-    from audiokd_lib.experiment.params import profile_params
+    from audiokd_lib.core.params import profile_params
     from audiokd_lib.search.export import embed_file, runtime
     from audiokd_lib.search.index import SearchIndex, audio_files
     from audiokd_lib.search.model import identity

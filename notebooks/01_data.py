@@ -42,11 +42,11 @@ import pandas as pd
 import soundfile as sf
 from IPython.display import display
 
-from audiokd_lib import plots
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.core import plots
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real, real_eval, tables
 from audiokd_lib.data.pieces import read_pieces
-from audiokd_lib.experiment.params import load_params
 
 params = load_params(params_file)
 print(f"profile {params.profile}: outputs in {params.output_dir}")

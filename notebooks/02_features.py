@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from IPython.display import display
 
-from audiokd_lib import plots
+from audiokd_lib import training
 from audiokd_lib.audio import augment
 from audiokd_lib.audio.features import (
     LogMel,
@@ -44,9 +44,9 @@ from audiokd_lib.audio.features import (
     iter_logmels,
 )
 from audiokd_lib.audio.loading import audio_backend, load_audio, load_clip, resample, save_audio
+from audiokd_lib.core import plots
+from audiokd_lib.core.params import GainNoiseParams, load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import training
-from audiokd_lib.experiment.params import GainNoiseParams, load_params
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)

@@ -41,13 +41,14 @@ import pandas as pd
 import torch
 from IPython.display import Image, display
 
-from audiokd_lib import plots
+from audiokd_lib import training
 from audiokd_lib.audio.loading import load_clip
 from audiokd_lib.compress import soft_labels
 from audiokd_lib.compress.distill import soft_targets
+from audiokd_lib.core import plots
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import runs, training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, runs
 from audiokd_lib.models import ensemble, teachers
 
 params = load_params(params_file)
@@ -130,7 +131,7 @@ print(f"teacher: {identity}\n{total:,} parameters, {trainable:,} trainable (fine
 # EfficientAT teacher and the students share one front end, so they share this cache too.
 
 # %%
-sets = runs.feature_sets(params, clips, teacher)
+sets = evaluation.feature_sets(params, clips, teacher)
 for split, subset in sets.items():
     print(f"{split:8s} {len(subset):5d} clips, features {tuple(subset.features.shape[1:])}")
 
@@ -161,7 +162,7 @@ display(Image(filename=str(params.output_dir / "figures" / f"{names[0]}_loss.png
 # The ensemble is logged as a run of its own, of role `teacher` and variant `ensemble`, under the name
 # `teacher`: that is the model notebooks 05 and 07 distil from, `audiokd classify --model teacher` runs
 # and the final table compares against. It is measured like every model, its validation score included,
-# so that it, not a member, is the teacher `runs.best_run` picks. Its MACs are the members' summed: the
+# so that it, not a member, is the teacher `results.best_run` picks. Its MACs are the members' summed: the
 # average itself costs nothing worth counting.
 
 # %%
@@ -170,7 +171,7 @@ if ensemble_of:
     identity = teachers.teacher_identity(teacher)
     teacher_run = runs.log_model(params, "teacher", "teacher", teacher, sets, params_file=params_file,
                                  tags={"teacher": identity, "variant": "ensemble", "members": ", ".join(names)},
-                                 metrics=runs.scores(teacher, sets, splits=("val",)))
+                                 metrics=evaluation.scores(teacher, sets, splits=("val",)))
 else:
     teacher, teacher_run = jobs[0].model, member_runs[0]
 columns = {"val_macro_f1": "val macro-F1", "test_macro_f1": "test macro-F1", "heldout_macro_f1": "held-out macro-F1",

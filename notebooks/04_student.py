@@ -30,10 +30,12 @@ from functools import partial
 import torch
 from IPython.display import Image, display
 
+from audiokd_lib import training
 from audiokd_lib.audio.features import NormStats
+from audiokd_lib.core import losses
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import losses, report, runs, training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import students
 from audiokd_lib.models.classifier import Classifier
 
@@ -76,7 +78,7 @@ print(student.net.classifier)
 # loss so that small float16 gradients survive; on a CPU both are switched off.
 
 # %%
-# lesson code: audiokd_lib.experiment.training.train_step
+# lesson code: audiokd_lib.training.train_step
 def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                scaler: torch.amp.GradScaler) -> torch.Tensor:
@@ -98,7 +100,7 @@ def train_step(model: Classifier, x: torch.Tensor, loss_fn: Callable[[torch.Tens
 # learn one batch by heart.
 
 # %%
-sets = runs.feature_sets(params, clips, student)
+sets = evaluation.feature_sets(params, clips, student)
 batch = torch.randperm(len(sets["train"]), generator=torch.Generator().manual_seed(0))[:params.train.batch_size]
 x, y = sets["train"].features[batch], sets["train"].targets[batch]
 trial = students.build_student(params, classes, stats, multilabel=multilabel, seed=params.train.seeds[0])
@@ -165,7 +167,7 @@ display(Image(filename=str(params.output_dir / "figures" / f"student-baseline-se
 # particular samples rather than the instruments.
 
 # %%
-table = runs.results_table(params, ["teacher", "student-baseline"])
+table = results.results_table(params, ["teacher", "student-baseline"])
 display(table)
-display(runs.seed_summary(table, report.main_score(table),
+display(results.seed_summary(table, report.main_score(table),
                           by="variant"))

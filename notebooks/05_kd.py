@@ -43,17 +43,18 @@ import torch
 import torch.nn.functional as F
 from IPython.display import Markdown, display
 
+from audiokd_lib import training
 from audiokd_lib.audio import augment
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import distill, soft_labels
 from audiokd_lib.compress.soft_labels import teacher_logits_path
+from audiokd_lib.core.files import file_digest
+from audiokd_lib.core.losses import hard_loss
+from audiokd_lib.core.params import Params, load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import report, runs, training
-from audiokd_lib.experiment.losses import hard_loss
-from audiokd_lib.experiment.params import Params, load_params
-from audiokd_lib.experiment.training import FeatureSet
-from audiokd_lib.files import file_digest
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints, students
+from audiokd_lib.training import FeatureSet
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
@@ -63,7 +64,7 @@ multilabel = training.is_multilabel(clips)  # OpenMIC: a sigmoid per class, BCE 
 stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
                        tables.fingerprint(clips))
 student = students.build_student(params, classes, stats, multilabel=multilabel)
-sets = runs.feature_sets(params, clips, student)
+sets = evaluation.feature_sets(params, clips, student)
 teacher = checkpoints.load_checkpoint(runs.checkpoint_path(params, "teacher"))
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 kd = params.kd
@@ -242,7 +243,7 @@ kd_runs = runs.train_many(params, jobs, sets, tp=params.train, params_file=param
 # thop for one clip.
 
 # %%
-table = runs.results_table(params, ["teacher", "student-baseline", "student-kd"])
+table = results.results_table(params, ["teacher", "student-baseline", "student-kd"])
 display(table)
 
 # %% [markdown]
@@ -255,6 +256,6 @@ display(table)
 
 # %%
 score = report.main_score(table)
-comparison = runs.compare_to_baseline(table, score, by="variant")
+comparison = results.compare_to_baseline(table, score, by="variant")
 display(comparison.round(3))
-display(Markdown(runs.verdict(comparison, score, target=0.03)))
+display(Markdown(results.verdict(comparison, score, target=0.03)))

@@ -46,10 +46,10 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from audiokd_lib.compress import prune
+from audiokd_lib.core.losses import hard_loss
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import report, runs
-from audiokd_lib.experiment.losses import hard_loss
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints
 from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.models.students import prunable_layers
@@ -65,9 +65,9 @@ clips = tables.load_clip_table(params, "clips")
 # **validation** score: choosing by the test or held-out scores would make them optimistic.
 
 # %%
-source = runs.best_run(params, params.prune.source)
+source = results.best_run(params, params.prune.source)
 student = checkpoints.load_checkpoint(runs.checkpoint_path(params, source["model"]))
-sets = runs.feature_sets(params, clips, student)
+sets = evaluation.feature_sets(params, clips, student)
 example = sets["val"].features[:1]
 metric = "mAP" if student.spec.get("multilabel") else "macro_f1"
 print(f"pruning {source['model']}: validation {metric} {source['val_' + metric]:.3f}")
@@ -137,7 +137,7 @@ zero_share = pd.DataFrame({ranking: {name: 1 - torch.count_nonzero(m.weight).ite
                                      for name, m in model.net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
                            for ranking, model in rankings.items()})
 display(zero_share.loc[zero_share.max(axis=1).nlargest(6).index].round(3))
-pd.DataFrame({ranking: {**runs.scores(model, sets), "non-zero MACs": prune.nonzero_macs(model, example)}
+pd.DataFrame({ranking: {**evaluation.scores(model, sets), "non-zero MACs": prune.nonzero_macs(model, example)}
               for ranking, model in rankings.items()}).round(3)
 
 # %% [markdown]
@@ -227,7 +227,7 @@ print(f"parameters {prune.sparsity(student)['params']:,} -> {prune.sparsity(slim
 # Score the pruned student as it comes out of `prune_channels`:
 
 # %%
-repair = pd.DataFrame({"distilled student": runs.scores(student, sets), "pruned": runs.scores(slim, sets)})
+repair = pd.DataFrame({"distilled student": evaluation.scores(student, sets), "pruned": evaluation.scores(slim, sets)})
 repair.round(3)
 
 # %% [markdown]
@@ -278,7 +278,7 @@ def recalibrated(model):
     return recalibrate_batchnorm(model, sets["train"].features, **recalibration)
 
 
-repair["pruned, BatchNorm recalibrated"] = pd.Series(runs.scores(recalibrated(slim), sets))
+repair["pruned, BatchNorm recalibrated"] = pd.Series(evaluation.scores(recalibrated(slim), sets))
 repair.round(3)
 
 # %% [markdown]
@@ -299,11 +299,11 @@ settings = [("none", 0.0, student)]
 settings += [("unstructured", amount, prune_unstructured(student, amount)) for amount in params.prune.sparsities]
 settings += [("structured", ratio, prune_channels(student, ratio, example, params.prune.importance, calibration))
              for ratio in params.prune.channel_ratios]
-curves = pd.DataFrame([{"kind": kind, "amount": amount, "BatchNorm": stage, **runs.scores(model, sets),
+curves = pd.DataFrame([{"kind": kind, "amount": amount, "BatchNorm": stage, **evaluation.scores(model, sets),
                         "non-zero MACs": prune.nonzero_macs(model, example)}
                        for kind, amount, pruned in tqdm(settings, desc="sensitivity")
                        for stage, model in (("as trained", pruned), ("recalibrated", recalibrated(pruned)))])
-curves = curves.rename(columns=runs.TABLE_COLUMNS)
+curves = curves.rename(columns=results.TABLE_COLUMNS)
 display(curves.round(3))
 figure = report.sensitivity_figure(params, curves, "mAP" if student.spec.get("multilabel") else "macro-F1")
 display(Image(filename=str(figure)))
@@ -325,4 +325,4 @@ pruned_runs = [
     runs.log_model(params, "student-pruned", names["structured"], slim, sets,
                    tags={**tags, "variant": f"structured {params.prune.channel_ratio:.0%}"}, params_file=params_file),
 ]
-display(runs.results_table(params, ["student-kd", "student-pruned"]))
+display(results.results_table(params, ["student-kd", "student-pruned"]))

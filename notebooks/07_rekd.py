@@ -39,15 +39,15 @@ import torch
 from IPython.display import Image, Markdown, display
 
 from audiokd_lib.compress import export, prune, soft_labels
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import report, runs
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
 clips = tables.load_clip_table(params, "clips")
-pruned_runs = runs.results_table(params, ["student-pruned"])
+pruned_runs = results.results_table(params, ["student-pruned"])
 # Pruned students of earlier settings stay in the MLflow store; only this profile's are re-trained.
 pruned_runs = pruned_runs[pruned_runs["model"].isin(report.pruned_names(params).values())]
 print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {params.prune.train.epochs} epochs each")
@@ -62,7 +62,7 @@ print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {p
 
 # %%
 first = checkpoints.load_checkpoint(runs.checkpoint_path(params, pruned_runs["model"].iloc[0]))
-sets = runs.feature_sets(params, clips, first)
+sets = evaluation.feature_sets(params, clips, first)
 teacher_logits, identity = soft_labels.load_teacher_logits(params, sets)
 seed = params.prune.train.seeds[0]
 recipes = {"kd": ("student-rekd", "rekd", "{} + re-KD"), "labels": ("student-finetuned", "finetuned", "{} + labels"),

@@ -44,12 +44,13 @@ import pandas as pd
 import torch
 from IPython.display import HTML, Image, Markdown, display
 
-from audiokd_lib import classify, plots
+from audiokd_lib import classify, training
 from audiokd_lib.audio.features import compute_norm_stats
 from audiokd_lib.audio.loading import load_audio, resample
+from audiokd_lib.core import metrics, plots, tracking
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real_eval, tables, taxonomy
-from audiokd_lib.experiment import metrics, report, runs, tracking, training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints, students, teachers
 from audiokd_lib.separation import crnn, quality, stem_selection
 from audiokd_lib.separation.crnn import MaskCRNN, level
@@ -254,7 +255,7 @@ stats = compute_norm_stats(pieces, detector_params.features, detector_params.fin
                            tables.fingerprint(pieces))
 # Solo stems of the training pieces join them (`separation.detector_solo_stems` a piece): one instrument alone
 solos = tables.solo_stems(pieces[pieces["split"] == "train"], sp.detector_solo_stems, params.seed)
-sets = runs.feature_sets(detector_params, pd.concat([pieces, solos], ignore_index=True),
+sets = evaluation.feature_sets(detector_params, pd.concat([pieces, solos], ignore_index=True),
                          students.build_student(detector_params, classes, stats, multilabel=True))
 print({split: tuple(s.features.shape) for split, s in sets.items()}, f"({len(solos)} solo stems in train)")
 print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f} on average; "
@@ -312,7 +313,7 @@ jobs = [
                 tags={"variant": "kd", "teacher": teacher_name}, teacher_logits=teacher_logits["train"], kd=params.kd),
 ]
 detector_runs = runs.train_many(detector_params, jobs, sets, tp=sp.detector, params_file=params_file)
-chosen_run = runs.best_run(params, "detector")
+chosen_run = results.best_run(params, "detector")
 detector = next(job.model for job in jobs if job.name == chosen_run["model"])
 print(f"detector used below: {chosen_run['model']} (val mAP {chosen_run['val_mAP']:.3f})")
 
@@ -339,7 +340,7 @@ else:
         answers = [classify.classify_file(job.model, path, top_k=len(classes)).top for path in solos["path"]]
         heard[job.name] = [", ".join(c for c, p in top if p >= sp.threshold) for top in answers]
     display(heard)
-detector_table = runs.results_table(params, ["detector"])
+detector_table = results.results_table(params, ["detector"])
 display(detector_table)
 for _, row in detector_table.iterrows():  # the course's target: at least half of what it names is right
     if "real precision" in row and pd.notna(row["real precision"]):

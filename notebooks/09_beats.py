@@ -44,13 +44,13 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from audiokd_lib import plots
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.beats import decode, stream, track
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import render_beat_pieces
+from audiokd_lib.core import plots
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment.params import load_params
 
 params = load_params(params_file)
 bp = params.beats

@@ -47,10 +47,10 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from audiokd_lib import plots
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.core import plots
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment.params import load_params
 from audiokd_lib.search import export
 from audiokd_lib.search import model as embedding
 from audiokd_lib.search.collection import evaluate, render_collection, search_sets

@@ -20,8 +20,8 @@ import torch
 from audiokd_lib.beats import decode
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import render_beat_pieces
+from audiokd_lib.core.params import profile_params
 from audiokd_lib.data.tables import data_dir, plan_soundfonts
-from audiokd_lib.experiment.params import profile_params
 
 
 def main() -> None:

@@ -17,11 +17,12 @@ import argparse
 
 import torch
 
+from audiokd_lib import training
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import soft_labels
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import runs, training
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import evaluation, runs
 from audiokd_lib.models import students
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     classes = training.class_names(clips)
     stats = NormStats.load(params.output_dir / "features" / "norm_stats.json", params.fingerprint("features"),
                            tables.fingerprint(clips))
-    sets = runs.feature_sets(params, clips, students.build_student(params, classes, stats))
+    sets = evaluation.feature_sets(params, clips, students.build_student(params, classes, stats))
     logits, identity = soft_labels.load_teacher_logits(params, sets)
     jobs = []
     for variant in args.variants:

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
+from audiokd_lib import training
 from audiokd_lib.audio.features import NormStats
+from audiokd_lib.core.params import profile_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import runs, training
-from audiokd_lib.experiment.params import profile_params
+from audiokd_lib.experiment import evaluation
 from audiokd_lib.models import students, teachers
 
 
@@ -53,7 +54,7 @@ def main() -> None:
             return teachers.build_teacher(settings, classes, progress=False, seed=args.seed)
         return students.build_student(settings, classes, stats, seed=args.seed)
 
-    sets = runs.feature_sets(params, clips, build(), progress=False)
+    sets = evaluation.feature_sets(params, clips, build(), progress=False)
     if "real" not in sets:
         print("note: no real recordings found (run notebook 01 with AUDIOKD_REAL_EVAL or a network): no real scores")
     if args.model == "zero-shot":
@@ -82,7 +83,7 @@ def main() -> None:
         model, start = build(settings), time.time()
         with tempfile.TemporaryDirectory() as run_dir:
             training.fit(model, train, sets["val"], tp, params, args.seed, Path(run_dir), progress=False)
-        found = runs.scores(model, sets)
+        found = evaluation.scores(model, sets)
         print(json.dumps({"model": args.model, "variant": variant, "seconds": round(time.time() - start),
                           **{k: round(v, 3) for k, v in found.items() if "top3" not in k}}), flush=True)
 

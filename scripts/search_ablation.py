@@ -19,8 +19,8 @@ import json
 import pandas as pd
 import torch
 
+from audiokd_lib.core.params import profile_params
 from audiokd_lib.data.tables import plan_soundfonts
-from audiokd_lib.experiment.params import profile_params
 from audiokd_lib.search import model as embedding
 from audiokd_lib.search.collection import evaluate, render_collection, search_sets
 from audiokd_lib.search.features import cached_features

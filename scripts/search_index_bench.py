@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from audiokd_lib.experiment.params import profile_params
+from audiokd_lib.core.params import profile_params
 from audiokd_lib.search.index import benchmark
 
 

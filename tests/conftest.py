@@ -37,8 +37,8 @@ def tiny(smoke_profile):
     import torch
 
     from audiokd_lib.audio.features import NormStats
-    from audiokd_lib.experiment.params import load_params
-    from audiokd_lib.experiment.training import FeatureSet
+    from audiokd_lib.core.params import load_params
+    from audiokd_lib.training import FeatureSet
 
     params = load_params(smoke_profile)
     # 32 steps in all: BatchNorm's running statistics must follow fast to be usable in eval mode.
@@ -65,7 +65,7 @@ def tiny_student():
     import torch
 
     from audiokd_lib.audio.features import NormStats
-    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.core.params import load_params
     from audiokd_lib.models import students
 
     smoke = load_params(ROOT / "params" / "smoke.yaml")

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from audiokd_lib.audio import augment
-from audiokd_lib.experiment.params import AugmentParams, CodecParams, GainNoiseParams, RirParams
+from audiokd_lib.core.params import AugmentParams, CodecParams, GainNoiseParams, RirParams
 
 SR = 32000
 

@@ -13,8 +13,8 @@ from audiokd_lib.beats import decode, stream
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import METRES, beat_times, compose, read_beats, render_beat_pieces
 from audiokd_lib.cli import main
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data.tables import plan_soundfonts
-from audiokd_lib.experiment.params import load_params
 
 FPS = 50.0
 

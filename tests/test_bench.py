@@ -12,7 +12,7 @@ from torch import nn
 from audiokd_lib.audio.features import frames_per_clip
 from audiokd_lib.cli import main
 from audiokd_lib.compress.bench import measure_model, peak_rise_mb
-from audiokd_lib.experiment.params import FeatureParams
+from audiokd_lib.core.params import FeatureParams
 from audiokd_lib.models import checkpoints, classifier
 
 

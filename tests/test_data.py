@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from audiokd_lib.core.params import DataParams
 from audiokd_lib.data import synth, tables
-from audiokd_lib.experiment.params import DataParams
 
 
 def notes_table(soundfonts=("FluidR3_GM", "MuseScore_General")) -> pd.DataFrame:

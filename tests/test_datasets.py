@@ -19,11 +19,11 @@ import soundfile as sf
 import torch
 from conftest import ROOT, FileServer, write_profile
 
+from audiokd_lib.core import losses, metrics
+from audiokd_lib.core.params import IrmasSubsetParams, SubsetParams, load_params
 from audiokd_lib.data import download, irmas, openmic, real, sources, tables, tinysol
 from audiokd_lib.data.notes import TINYSOL_COLUMNS
 from audiokd_lib.data.sources import Downloads
-from audiokd_lib.experiment import losses, metrics
-from audiokd_lib.experiment.params import IrmasSubsetParams, SubsetParams, load_params
 
 rng = np.random.default_rng(0)
 

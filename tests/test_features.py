@@ -8,7 +8,7 @@ import torch
 
 from audiokd_lib.audio.features import LogMel, NormStats, SkippedFiles, compute_norm_stats, frames_per_clip, iter_clips
 from audiokd_lib.audio.loading import load_clip, save_audio
-from audiokd_lib.experiment.params import FeatureParams
+from audiokd_lib.core.params import FeatureParams
 
 
 def tone(freq: float, rate: int = 32000, seconds: float = 1.0) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import average_precision_score
 from torch import nn
 
-from audiokd_lib.experiment import metrics
+from audiokd_lib.core import metrics
 
 CLASSES3 = ["flute", "oboe", "violin"]
 CLASSES4 = ["flute", "oboe", "violin", "tuba"]

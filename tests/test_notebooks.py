@@ -15,9 +15,9 @@ import pytest
 import soundfile as sf
 from conftest import ROOT, write_profile
 
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real_eval
-from audiokd_lib.experiment import report, runs
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.experiment import report, results, runs
 from audiokd_lib.experiment.pipeline import notebook_names, run_notebooks
 from audiokd_lib.models import checkpoints
 
@@ -62,7 +62,7 @@ def test_every_notebook_runs_with_the_smoke_profile(smoke_chain):
     check_results_table(params, pd.read_csv(outputs / "results.csv"))
     check_separated_stems(params, outputs / "separated")
     if os.environ.get(real_eval.ENV):  # 08 scored both detectors on the real solos
-        detectors = runs.results_table(params, ["detector"])
+        detectors = results.results_table(params, ["detector"])
         assert len(detectors) == 2 and detectors["real recall"].between(0, 1).all()
     check_kd_sweep(smoke_profile)
     check_real_ablation(smoke_profile)
@@ -154,7 +154,7 @@ def check_kd_sweep(profile: Path) -> None:
 def check_beats(params, profile: Path) -> None:
     """Notebook 09 left its three models (MLflow runs with DBN scores, weights, the student's ONNX step);
     scripts/beats_ablation.py runs on its pieces: one JSON line per model."""
-    from audiokd_lib.experiment import tracking
+    from audiokd_lib.core import tracking
 
     beat_runs = tracking.runs_frame(params, "beats-student")
     assert sorted(beat_runs["model"]) == ["beats-student-kd", "beats-student-labels"]
@@ -172,7 +172,7 @@ def check_search(params, profile: Path) -> None:
     """Notebook 10 left four embedding models in MLflow, the shipped student with its ONNX twin, and an index
     that the command line searches with that student: a catalogue segment finds its own recording first;
     scripts/search_ablation.py runs on its collection: one JSON line per model."""
-    from audiokd_lib.experiment import tracking
+    from audiokd_lib.core import tracking
 
     runs = tracking.runs_frame(params, "search-student")
     assert sorted(runs["model"]) == ["search-student-kd", "search-student-supcon", "search-student-triplet"]
@@ -247,7 +247,7 @@ def check_results_table(params, table: pd.DataFrame) -> None:
     [structured] = [v for v in by_role["student-pruned"]["variant"] if v.startswith("structured")]
     assert by_role["student-scratch"]["variant"].tolist() == [f"{structured}, from scratch + KD"]
     assert by_role["student-scratch"]["MACs"].tolist() == [pruned.loc["structured", "MACs"]]
-    [control] = runs.results_table(params, ["student-scratch"])["model"]
+    [control] = results.results_table(params, ["student-scratch"])["model"]
     assert "reinitialised" in checkpoints.load_checkpoint(runs.checkpoint_path(params, control)).spec["pruning"]
 
 
@@ -349,8 +349,8 @@ def test_notebook_09_scores_real_annotated_recordings(tmp_path):
     from conftest import FileServer
     from test_datasets import candombe_files, publish
 
+    from audiokd_lib.core import tracking
     from audiokd_lib.data import sources
-    from audiokd_lib.experiment import tracking
 
     server = FileServer()
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import ROOT, write_profile
 
-from audiokd_lib.experiment.params import ParamsError, load_params
+from audiokd_lib.core.params import ParamsError, load_params
 
 
 @pytest.mark.parametrize("profile", ["smoke", "quick", "full"])
@@ -55,7 +55,7 @@ def test_fingerprint_follows_the_section(tmp_path):
 
 
 def test_command_line_overrides_are_typed_and_checked_by_the_schema():
-    from audiokd_lib.experiment.params import expand_sweeps
+    from audiokd_lib.core.params import expand_sweeps
 
     quick = ROOT / "params" / "quick.yaml"
     params = load_params(quick, ["kd.temperature=4", "train.epochs=30", "train.augment=[gain,noise]",
@@ -78,7 +78,7 @@ def test_command_line_overrides_are_typed_and_checked_by_the_schema():
 
 
 def test_the_effective_settings_file_repeats_the_run(tmp_path):
-    from audiokd_lib.experiment.params import write_effective
+    from audiokd_lib.core.params import write_effective
 
     profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n")
     params = load_params(profile, ["kd.alpha=0.9"], profile="smoke-kd.alpha=0.9")

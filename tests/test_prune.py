@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from audiokd_lib.compress import prune
-from audiokd_lib.experiment import runs
-from audiokd_lib.experiment.params import load_params
+from audiokd_lib.core.params import load_params
+from audiokd_lib.experiment import evaluation
 from audiokd_lib.models import checkpoints
 
 CLASSES = ["Flute", "Oboe", "Violin"]
@@ -36,7 +36,7 @@ def test_unstructured_pruning_zeroes_weights_of_a_copy_but_not_its_file_size(smo
     assert not torch.nn.utils.prune.is_pruned(pruned)  # masks made permanent: plain tensors, no hooks
 
     dense_file = checkpoints.save_checkpoint(model, tmp_path / "dense.pt")
-    assert prune.nonzero_macs(model, features[:1]) == runs.measure(params, model, dense_file, features)["macs"]
+    assert prune.nonzero_macs(model, features[:1]) == evaluation.measure(params, model, dense_file, features)["macs"]
     assert prune.nonzero_macs(pruned, features[:1]) < 0.7 * prune.nonzero_macs(model, features[:1])
     pruned_file = checkpoints.save_checkpoint(pruned, tmp_path / "pruned.pt")
     assert pruned_file.stat().st_size == pytest.approx(dense_file.stat().st_size, rel=0.01)  # zeros are stored

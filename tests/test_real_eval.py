@@ -12,10 +12,11 @@ from conftest import ROOT, FileServer, write_profile
 
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.classify import classify_file
+from audiokd_lib.core import metrics
+from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real_eval
-from audiokd_lib.experiment import metrics, runs
-from audiokd_lib.experiment.params import load_params
-from audiokd_lib.experiment.training import cached_windows, predict_files
+from audiokd_lib.experiment import evaluation
+from audiokd_lib.training import cached_windows, predict_files
 
 OFFICIAL = "https://raw.githubusercontent.com/owner/repo/0123abcd/sounds"
 
@@ -118,8 +119,8 @@ def test_real_scores_leave_the_run_key_alone(recordings, tiny_student):
     model = tiny_student(["Flute", "Oboe", "Violin"])
     real = cached_windows(params, table, model, "test", model.classes, progress=False)
     others = {"test": real}
-    assert runs.sets_fingerprint({**others, "real": real}) == runs.sets_fingerprint(others)
-    found = runs.scores(model, {"real": real}, splits=("real",))
+    assert evaluation.sets_fingerprint({**others, "real": real}) == evaluation.sets_fingerprint(others)
+    found = evaluation.scores(model, {"real": real}, splits=("real",))
     assert set(found) == {"real_accuracy", "real_macro_f1"}  # three classes: no top-3 accuracy
 
 
@@ -161,4 +162,4 @@ def test_unreadable_recordings_leave_the_real_column_out_with_a_warning(recordin
     model = tiny_student(["Flute", "Oboe", "Violin"])
     no_clips = pd.DataFrame(columns=["path", "label", "split"])
     with pytest.warns(UserWarning, match="no real column: no readable, non-silent recordings"):
-        assert runs.feature_sets(params, no_clips, model, splits=("real",), progress=False) == {}
+        assert evaluation.feature_sets(params, no_clips, model, splits=("real",), progress=False) == {}

@@ -85,7 +85,7 @@ def test_report_writes_each_executed_notebook_as_a_page(tmp_path, capsys):
     from conftest import ROOT, write_profile
 
     from audiokd_lib.cli import main
-    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.core.params import load_params
     from audiokd_lib.experiment.pipeline import write_report
 
     profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n")

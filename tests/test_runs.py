@@ -11,10 +11,11 @@ from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
 from audiokd_lib.compress import soft_labels
-from audiokd_lib.experiment import report, runs, tracking
-from audiokd_lib.experiment.params import KDParams, load_params
-from audiokd_lib.experiment.training import FeatureSet, fit, predict
+from audiokd_lib.core import tracking
+from audiokd_lib.core.params import KDParams, load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints, students, teachers
+from audiokd_lib.training import FeatureSet, fit, predict
 
 CLASSES = ["Flute", "Oboe", "Violin"]
 
@@ -52,7 +53,7 @@ def test_teacher_logits_are_refused_for_other_clips_or_another_teacher(smoke_pro
 def test_welch_test_on_hand_worked_numbers():
     table = pd.DataFrame({"variant": ["baseline"] * 3 + ["kd-cached"] * 3 + ["kd-consistent"] * 3,
                           "score": [0.70, 0.72, 0.74, 0.80, 0.81, 0.82, 0.71, 0.73, 0.75]})
-    comparison = runs.compare_to_baseline(table, "score")
+    comparison = results.compare_to_baseline(table, "score")
     cached = comparison.loc["kd-cached"]
     # By hand: variances 0.0004 and 0.0001 over 3 seeds; se = sqrt(0.0004/3 + 0.0001/3) = 0.012910,
     # t = 0.09 / se = 6.971; Welch-Satterthwaite df = se^4 / ((0.0004/3)^2/2 + (0.0001/3)^2/2) = 2.941.
@@ -61,11 +62,11 @@ def test_welch_test_on_hand_worked_numbers():
     half_width = cached["95% CI high"] - cached["difference"]
     assert half_width == pytest.approx(stats.t.ppf(0.975, 2.941) * 0.012910, rel=1e-3)
     assert comparison.loc["kd-consistent", "difference"] == pytest.approx(0.01)
-    first, second = runs.verdict(comparison, "score", target=0.03).splitlines()
+    first, second = results.verdict(comparison, "score", target=0.03).splitlines()
     assert "kd-cached" in first and "a gain that holds, and meets the +0.030 target" in first
     assert "kd-consistent" in second and "includes zero" in second
-    single = runs.compare_to_baseline(table.groupby("variant").head(1), "score")
-    assert "too few seeds" in runs.verdict(single, "score")
+    single = results.compare_to_baseline(table.groupby("variant").head(1), "score")
+    assert "too few seeds" in results.verdict(single, "score")
 
 
 def test_classify_finds_a_profiles_latest_model_by_role(smoke_profile, tmp_path, capsys):
@@ -131,7 +132,7 @@ def test_runs_trained_in_worker_processes_match_runs_trained_here(smoke_profile,
             assert torch.allclose(x.float(), y.float(), atol=1e-5), name
         # The logged score is that of the weights the worker trained, and the same as when trained here.
         assert row["model"] == b.name
-        assert row["test_macro_f1"] == pytest.approx(runs.scores(b.model, sets)["test_macro_f1"])
+        assert row["test_macro_f1"] == pytest.approx(evaluation.scores(b.model, sets)["test_macro_f1"])
         assert row["test_macro_f1"] == pytest.approx(row_here["test_macro_f1"])
         assert not (params.output_dir / "models" / b.name / "fitted.pt").exists()
     again = jobs("there")

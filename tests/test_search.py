@@ -14,8 +14,8 @@ from conftest import ROOT
 
 from audiokd_lib.beats.pieces import render_versions
 from audiokd_lib.cli import main
+from audiokd_lib.core.params import SearchIndexParams, SearchParams, load_params
 from audiokd_lib.data.tables import plan_soundfonts
-from audiokd_lib.experiment.params import SearchIndexParams, SearchParams, load_params
 from audiokd_lib.search import export, features
 from audiokd_lib.search import model as embedding
 from audiokd_lib.search.index import IndexMismatch, SearchIndex, benchmark

@@ -14,9 +14,10 @@ from conftest import ROOT, write_profile
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.audio.loading import save_audio
 from audiokd_lib.cli import main
+from audiokd_lib.core import tracking
+from audiokd_lib.core.params import CRNNParams, load_params
 from audiokd_lib.data.taxonomy import GROUPS, OPENMIC_CLASSES
-from audiokd_lib.experiment import runs, tracking
-from audiokd_lib.experiment.params import CRNNParams, load_params
+from audiokd_lib.experiment import runs
 from audiokd_lib.models import checkpoints, students
 from audiokd_lib.separation import crnn, quality, separator, stem_selection
 

@@ -14,10 +14,10 @@ from conftest import write_profile
 
 from audiokd_lib.compress.distill import check_shared_frontend
 from audiokd_lib.compress.export import head_module
-from audiokd_lib.experiment import report, runs, tracking
-from audiokd_lib.experiment.metrics import complexity
-from audiokd_lib.experiment.params import ParamsError, load_params
-from audiokd_lib.experiment.training import FeatureSet
+from audiokd_lib.core import tracking
+from audiokd_lib.core.metrics import complexity
+from audiokd_lib.core.params import ParamsError, load_params
+from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
 from audiokd_lib.models.ensemble import LogitMean, build_ensemble, ensemble_spec, seeds_text
 from audiokd_lib.models.teachers import (
@@ -35,6 +35,7 @@ from audiokd_lib.models.teachers import (
     set_trainable,
 )
 from audiokd_lib.models.weights import AUDIOSET_LABELS, MN04_AS, fetch
+from audiokd_lib.training import FeatureSet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,7 +188,7 @@ def test_every_openmic_class_has_its_audioset_output():
 
 
 def test_calibration_moves_the_threshold_and_keeps_the_ranking():
-    from audiokd_lib.experiment.metrics import classification_metrics
+    from audiokd_lib.core.metrics import classification_metrics
 
     gen = torch.Generator().manual_seed(0)
     targets = (torch.rand(300, 3, generator=gen) < 0.4).float()
@@ -310,10 +311,10 @@ def test_the_ensemble_is_the_teacher_every_later_notebook_finds(tiny_student, sm
                        tags={"variant": "member", "member_of": "teacher", "teacher": "tiny"},
                        metrics={"val_macro_f1": 1.0})  # members that look perfect on validation
     model = build_ensemble([a, b], [0, 1])
-    row = runs.log_model(params, "teacher", "teacher", model, sets, metrics=runs.scores(model, sets, ("val",)),
+    row = runs.log_model(params, "teacher", "teacher", model, sets, metrics=evaluation.scores(model, sets, ("val",)),
                          tags={"variant": "ensemble", "teacher": model.spec["identity"]})
     assert row["val_macro_f1"] < 1.0 and row["macs"] > 0
-    assert runs.best_run(params, "teacher")["model"] == "teacher"
+    assert results.best_run(params, "teacher")["model"] == "teacher"
     assert tracking.latest_run(params, "teacher")["model"] == "teacher"
     assert load_checkpoint(runs.checkpoint_path(params, "teacher")).spec == model.spec
     table = report.final_table(params)

@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, write_profile
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from audiokd_lib.experiment import tracking
-from audiokd_lib.experiment.params import Params, load_params
+from audiokd_lib.core import tracking
+from audiokd_lib.core.params import Params, load_params
 
 
 def profile_in(folder: Path, name: str = "smoke") -> tuple[Params, Path]:
@@ -124,8 +124,8 @@ def test_the_mlflow_ui_serves_a_profiles_store_on_localhost(tmp_path):
 
     from conftest import ROOT, write_profile
 
-    from audiokd_lib.experiment import tracking
-    from audiokd_lib.experiment.params import load_params
+    from audiokd_lib.core import tracking
+    from audiokd_lib.core.params import load_params
 
     profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n", "ui")
     missing = subprocess.run([sys.executable, "-m", "audiokd_lib", "mlflow", "--profile", str(profile)], check=False,

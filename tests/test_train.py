@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from audiokd_lib import training
 from audiokd_lib.audio.features import NormStats
 from audiokd_lib.compress import distill
 from audiokd_lib.compress.distill import distillation_loss
-from audiokd_lib.experiment import training
-from audiokd_lib.experiment.params import KDParams, load_params
-from audiokd_lib.experiment.training import FeatureAugment, FeatureSet, fit
+from audiokd_lib.core.params import KDParams, load_params
 from audiokd_lib.models import checkpoints, students
+from audiokd_lib.training import FeatureAugment, FeatureSet, fit
 
 
 def test_distillation_loss_matches_a_direct_computation():
@@ -146,7 +146,7 @@ def test_multilabel_tables_give_multi_hot_targets(smoke_profile, tmp_path):
 
 def test_unknown_answers_add_no_loss_and_stay_unknown_through_mixup():
     from audiokd_lib.audio import augment
-    from audiokd_lib.experiment import losses
+    from audiokd_lib.core import losses
 
     logits = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
     nan = float("nan")

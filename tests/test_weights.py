@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import FileServer
 
-from audiokd_lib.files import file_digest
+from audiokd_lib.core.files import file_digest
 from audiokd_lib.models.weights import WeightsFile, WeightsNotFound, fetch, search_dirs
 
 PAYLOAD = bytes(range(256)) * 400  # 100 kB: several download chunks are not needed, a resume point is

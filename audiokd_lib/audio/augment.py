@@ -38,7 +38,7 @@ import torchaudio.functional as AF
 from audiomentations import AddGaussianSNR, Compose, Gain
 from scipy.fft import next_fast_len  # scipy comes with audiomentations
 
-from audiokd_lib.experiment.params import AugmentParams, GainNoiseParams
+from audiokd_lib.core.params import AugmentParams, GainNoiseParams
 
 AnyGenerator = np.random.Generator | torch.Generator
 

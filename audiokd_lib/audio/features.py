@@ -21,8 +21,8 @@ import torchaudio
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import AudioLoadError, load_clip
-from audiokd_lib.experiment.params import FeatureParams
-from audiokd_lib.files import write_json
+from audiokd_lib.core.files import write_json
+from audiokd_lib.core.params import FeatureParams
 
 LOG_OFFSET = 1e-5  # keeps log() finite in silent bins; -11.5 is the floor of the log-mel
 

@@ -18,7 +18,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
 
 BACKENDS = ("torchaudio", "soundfile")
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import mir_eval
 import numpy as np
 
-from audiokd_lib.experiment.params import BeatsParams
+from audiokd_lib.core.params import BeatsParams
 
 
 def pick_peaks(activation: np.ndarray, threshold: float, fps: float, min_interval: float = 60 / 240) -> np.ndarray:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.beats.decode import evaluate, pick_peaks
 from audiokd_lib.beats.pieces import read_beats
-from audiokd_lib.experiment.params import BeatsParams
+from audiokd_lib.core.params import BeatsParams
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 
 
@@ -282,7 +282,7 @@ def log_run(params, role: str, name: str, model: BeatModel, fit: BeatFit, scores
             params_file: str | Path | None = None) -> str:
     """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
     curve, scores, size and cost; return the run's id."""
-    from audiokd_lib.experiment import tracking
+    from audiokd_lib.core import tracking
 
     path = save(model, params.output_dir / "models" / name / "model.pt")
     return tracking.log_trained(params, role, name, "beats", path, fit.history, {

@@ -34,11 +34,11 @@ import pandas as pd
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from audiokd_lib.data.notes import _OnDemandSynth, _quantise
+from audiokd_lib.core.files import atomic_folder, write_csv
+from audiokd_lib.core.params import BeatPiecesParams
+from audiokd_lib.data.notes import OnDemandSynth, quantise
 from audiokd_lib.data.synth import NoteEvent
 from audiokd_lib.data.tables import SoundfontPlan
-from audiokd_lib.experiment.params import BeatPiecesParams
-from audiokd_lib.files import atomic_folder, write_csv
 
 METRES = {"3/4": (3, 2), "4/4": (4, 2), "6/8": (2, 3)}  # beats a bar, subdivisions a beat
 CHORD_PROGRAMS = (0, 1, 4, 16, 19, 24, 25, 48)          # pianos, organs, guitars, strings
@@ -138,7 +138,7 @@ def compose(seed: int, index: int, pp: BeatPiecesParams) -> BeatScore:
 def _render_one(folder: Path, score: BeatScore, synth, pp: BeatPiecesParams, info: dict) -> None:
     audio = synth.render(score.events, pp.seconds)
     audio = audio / max(float(np.abs(audio).max()), 1e-9) * 0.7
-    sf.write(folder / "mixture.flac", _quantise(audio), pp.sample_rate, subtype="PCM_16")
+    sf.write(folder / "mixture.flac", quantise(audio), pp.sample_rate, subtype="PCM_16")
     pd.DataFrame({"time": np.round(score.beats, 6), "position": score.positions}).to_csv(folder / "beats.csv",
                                                                                          index=False)
     (folder / "piece.json").write_text(json.dumps(info, indent=1))
@@ -177,7 +177,7 @@ def render_versions(root: str | Path, soundfont: tuple[str, Path], indices, pp: 
     name, path = soundfont
     settings = {"seed": seed, **pp.model_dump(exclude={"count", "heldout_count", "val_fraction", "test_fraction"})}
     rows = []
-    synths = _OnDemandSynth(pp.sample_rate, backend)
+    synths = OnDemandSynth(pp.sample_rate, backend)
     try:
         for index in tqdm(list(indices), desc=f"beat pieces {name}", disable=not progress):
             key = f"beats-{index:04d}"

@@ -25,7 +25,7 @@ from torch import nn
 
 from audiokd_lib.beats.model import BeatModel
 from audiokd_lib.compress.export import OPSET, onnx_session
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
 
 
 class BeatStream:

@@ -11,7 +11,7 @@ import soundfile as sf
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.beats import decode
 from audiokd_lib.beats.model import BeatModel
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
 
 
 def track_file(model: BeatModel, path: str | Path, dbn: decode.BeatDBN, bar_lengths=(2, 3, 4)

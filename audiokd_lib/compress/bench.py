@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from audiokd_lib.audio.loading import load_clip
 from audiokd_lib.classify import resolve_model
 from audiokd_lib.compress.export import head_module
-from audiokd_lib.experiment import metrics
+from audiokd_lib.core import metrics
 from audiokd_lib.models.checkpoints import load_checkpoint
 from audiokd_lib.models.classifier import Classifier
 
@@ -131,8 +131,8 @@ def example_clip(profile: str | None) -> tuple[str | None, str]:
     """The audio file every model is measured on (None: synthetic noise), and a sentence saying which."""
     if profile is None:
         return None, "synthetic noise (no --profile given)"
+    from audiokd_lib.core.params import profile_params
     from audiokd_lib.data.tables import load_clip_table
-    from audiokd_lib.experiment.params import profile_params
 
     params = profile_params(profile)
     try:

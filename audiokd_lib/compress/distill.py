@@ -4,7 +4,7 @@ The student learns from the teacher's *softened* outputs as well as from the lab
 get the teacher's logits for a batch (notebook 05): `cached` (computed once on the clean clips by
 :mod:`audiokd_lib.compress.soft_labels`, then mixed with the inputs by mixup as probabilities) and
 `consistent` (Beyer et al., 2022: the teacher sees exactly the augmented batch the student sees).
-The training loop that calls these is :func:`audiokd_lib.experiment.training.fit`.
+The training loop that calls these is :func:`audiokd_lib.training.fit`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from audiokd_lib.experiment.losses import hard_loss
+from audiokd_lib.core.losses import hard_loss
 from audiokd_lib.models.classifier import Classifier
 
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from audiokd_lib.experiment.metrics import median_ms
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.metrics import median_ms
 from audiokd_lib.models.classifier import Classifier
 
 if TYPE_CHECKING:

@@ -39,7 +39,7 @@ import torch_pruning
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from audiokd_lib.experiment.losses import hard_loss
+from audiokd_lib.core.losses import hard_loss
 from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.models.students import PRUNABLE, prunable_layers
 
@@ -101,7 +101,7 @@ def _count_nonzero_weights(module: nn.Module, inputs: tuple[torch.Tensor, ...], 
 def nonzero_macs(model: Classifier, example: torch.Tensor) -> int:
     """MACs of one forward of `model.head` on `example` (batch 1) that involve a non-zero weight.
 
-    Counted exactly as :func:`audiokd_lib.experiment.metrics.complexity` counts (thop), except for convolutions and
+    Counted exactly as :func:`audiokd_lib.core.metrics.complexity` counts (thop), except for convolutions and
     linear layers: there a zero weight costs nothing, so a layer counts its dense MACs times the
     fraction of its weights that are non-zero. BatchNorm and pooling count as thop counts them, and
     activations, residual additions and the normalisation of the features count zero, as in thop.

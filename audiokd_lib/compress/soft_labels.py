@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from audiokd_lib.experiment.params import Params
-from audiokd_lib.experiment.training import FeatureSet, predict
-from audiokd_lib.files import atomic_path, file_digest
+from audiokd_lib.core.files import atomic_path, file_digest
+from audiokd_lib.core.params import Params
 from audiokd_lib.models.classifier import Classifier
+from audiokd_lib.training import FeatureSet, predict
 
 
 def teacher_logits_path(params: Params) -> Path:

@@ -18,9 +18,9 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from audiokd_lib.core.files import atomic_path
 from audiokd_lib.data.download import DownloadError
-from audiokd_lib.data.sources import Downloads, _archive_check, _hash_order, _save_manifest, _up_to_date, read_manifest
-from audiokd_lib.files import atomic_path
+from audiokd_lib.data.sources import Downloads, archive_check, hash_order, read_manifest, save_manifest, up_to_date
 
 
 def _positions(path: Path) -> pd.DataFrame:
@@ -38,14 +38,14 @@ def _positions(path: Path) -> pd.DataFrame:
 def download_candombe(dl: Downloads, recordings: int) -> dict:
     """The annotations, and `recordings` performances with their annotations, into the cache; the manifest."""
     root, request = dl.folder("candombe"), {"recordings": recordings}
-    if (manifest := _up_to_date(root, request)) is not None:
+    if (manifest := up_to_date(root, request)) is not None:
         return manifest
     spent, files, checks = dl.ledger.spent, dl.files("candombe"), {}
     remote = files["candombe_annotations.zip"]
     with dl.open_zip(remote, root) as (zf, raw):
         members = [info for info in zf.infolist() if info.filename.lower().endswith(".csv")]
         annotations = dl.extract(zf, members, root, remote, raw)
-        checks[remote.name] = _archive_check(remote, raw)
+        checks[remote.name] = archive_check(remote, raw)
     by_name = {PurePosixPath(name).stem: name for name in annotations}
     remote = files["candombe_audio.zip"]
     with dl.open_zip(remote, root) as (zf, raw):
@@ -53,9 +53,9 @@ def download_candombe(dl: Downloads, recordings: int) -> dict:
                  if info.filename.lower().endswith(".flac") and PurePosixPath(info.filename).stem in by_name}
         if not audio:
             raise DownloadError(f"{remote.name} holds no FLAC file named like an annotation: not the Candombe archive")
-        chosen = _hash_order(audio)[:recordings]
+        chosen = hash_order(audio)[:recordings]
         taken = dl.extract(zf, [audio[name] for name in chosen], root, remote, raw)
-        checks[remote.name] = _archive_check(remote, raw)
+        checks[remote.name] = archive_check(remote, raw)
     converted = []
     for name in chosen:
         target = root / "beats" / f"{name}.csv"
@@ -63,7 +63,7 @@ def download_candombe(dl: Downloads, recordings: int) -> dict:
         with atomic_path(target) as tmp:
             _positions(root / by_name[name]).to_csv(tmp, index=False)
         converted.append(str(target.relative_to(root)))
-    return _save_manifest(root, "candombe", request, [], {"recordings": taken}, {}, checks,
+    return save_manifest(root, "candombe", request, [], {"recordings": taken}, {}, checks,
                           dl.ledger.spent - spent, [], annotations=converted)
 
 

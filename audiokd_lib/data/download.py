@@ -39,7 +39,7 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
-from audiokd_lib.files import atomic_path, file_digest, write_json
+from audiokd_lib.core.files import atomic_path, file_digest, write_json
 
 CHUNK = 1 << 20  # bytes read at a time, for hashing and downloading
 

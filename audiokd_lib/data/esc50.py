@@ -6,50 +6,50 @@ from pathlib import Path
 
 import pandas as pd
 
+from audiokd_lib.core.params import SubsetParams
 from audiokd_lib.data.download import DownloadError
 from audiokd_lib.data.sources import (
     ESC50_FOLD_SPLITS,
     WAV_BYTES_PER_SECOND,
     Downloads,
-    _archive_check,
-    _choose_classes,
-    _hash_order,
-    _is,
-    _Quota,
-    _request,
-    _save_manifest,
-    _up_to_date,
+    Quota,
+    archive_check,
+    choose_classes,
+    hash_order,
+    is_member,
     read_manifest,
+    save_manifest,
+    subset_request,
+    up_to_date,
 )
-from audiokd_lib.experiment.params import SubsetParams
 
 
 def download_esc50(dl: Downloads, subset: SubsetParams) -> dict:
     """Read ESC-50's zip by range: its meta/esc50.csv, then `files_per_class` clips per category (e.g. dog, rain)."""
-    root, request = dl.folder("esc50"), _request(subset)
-    if (manifest := _up_to_date(root, request)) is not None:
+    root, request = dl.folder("esc50"), subset_request(subset)
+    if (manifest := up_to_date(root, request)) is not None:
         return manifest
     spent = dl.ledger.spent
     remote = dl.files("esc50")["master.zip"]
     max_bytes = None if subset.max_seconds is None else 44 + subset.max_seconds * WAV_BYTES_PER_SECOND["esc50"]
     with dl.open_zip(remote, root) as (zf, raw):
         members = {info.filename: info for info in zf.infolist()}
-        csv = [name for name in members if _is(name, "meta/esc50.csv")]
+        csv = [name for name in members if is_member(name, "meta/esc50.csv")]
         if len(csv) != 1:
             raise DownloadError(f"{remote.name} has {len(csv)} meta/esc50.csv files, expected one: not the ESC-50 repository")
         (csv_name,) = dl.extract(zf, [members[csv[0]]], root, remote, raw)
         meta = pd.read_csv(root / csv_name)
-        chosen = _choose_classes(subset.classes, meta["category"], "esc50")
+        chosen = choose_classes(subset.classes, meta["category"], "esc50")
         audio = csv_name.removesuffix("meta/esc50.csv") + "audio/"
         category = {audio + f: c for f, c in zip(meta["filename"], meta["category"])
                     if c in chosen and audio + f in members and (max_bytes is None or members[audio + f].file_size <= max_bytes)}
-        quota = _Quota({name: {c} for name, c in category.items()}, subset.files_per_class)
-        for name in _hash_order(category):
+        quota = Quota({name: {c} for name, c in category.items()}, subset.files_per_class)
+        for name in hash_order(category):
             if quota.wants(name):
                 quota.take(name)
         taken = dl.extract(zf, [members[name] for name in quota.taken], root, remote, raw)
-        check = _archive_check(remote, raw)
-    return _save_manifest(root, "esc50", request, chosen, {"clips": taken}, {"metadata": csv_name},
+        check = archive_check(remote, raw)
+    return save_manifest(root, "esc50", request, chosen, {"clips": taken}, {"metadata": csv_name},
                           {remote.name: check}, dl.ledger.spent - spent, [])
 
 

@@ -8,22 +8,22 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from audiokd_lib.core.params import IrmasSubsetParams
 from audiokd_lib.data import download
 from audiokd_lib.data.sources import (
     HELD_OUT,
     WAV_BYTES_PER_SECOND,
     Downloads,
-    _archive_check,
-    _bucket,
-    _choose_classes,
-    _hash_order,
-    _Quota,
-    _request,
-    _save_manifest,
-    _up_to_date,
+    Quota,
+    archive_check,
+    choose_classes,
+    hash_bucket,
+    hash_order,
     read_manifest,
+    save_manifest,
+    subset_request,
+    up_to_date,
 )
-from audiokd_lib.experiment.params import IrmasSubsetParams
 
 IRMAS_CLASSES = {
     "cel": "cello", "cla": "clarinet", "flu": "flute", "gac": "acoustic_guitar", "gel": "electric_guitar",
@@ -48,11 +48,11 @@ def download_irmas(dl: Downloads, subset: IrmasSubsetParams) -> dict:
     clip's class is its folder; a testing excerpt is kept if one of its labels (the .txt beside it,
     fetched first) is a chosen class.
     """
-    root, request = dl.folder("irmas"), _request(subset)
-    if (manifest := _up_to_date(root, request)) is not None:
+    root, request = dl.folder("irmas"), subset_request(subset)
+    if (manifest := up_to_date(root, request)) is not None:
         return manifest
     spent = dl.ledger.spent
-    chosen = _choose_classes(subset.classes, IRMAS_CLASSES, "irmas")
+    chosen = choose_classes(subset.classes, IRMAS_CLASSES, "irmas")
     files = dl.files("irmas")
     max_bytes = None if subset.max_seconds is None else 44 + subset.max_seconds * WAV_BYTES_PER_SECOND["irmas"]
     archives: dict[str, dict] = {}
@@ -61,12 +61,12 @@ def download_irmas(dl: Downloads, subset: IrmasSubsetParams) -> dict:
         clips = {info.filename: info for info in zf.infolist() if _is_wav(info.filename)
                  and PurePosixPath(info.filename).parent.name in chosen
                  and (max_bytes is None or info.file_size <= max_bytes)}
-        quota = _Quota({name: {PurePosixPath(name).parent.name} for name in clips}, subset.files_per_class)
-        for name in _hash_order(clips):
+        quota = Quota({name: {PurePosixPath(name).parent.name} for name in clips}, subset.files_per_class)
+        for name in hash_order(clips):
             if quota.wants(name):
                 quota.take(name)
         taken = dl.extract(zf, [clips[name] for name in quota.taken], root, training, raw)
-        archives[training.name] = _archive_check(training, raw)
+        archives[training.name] = archive_check(training, raw)
     testing, labels = [], []  # excerpts (.wav) and their labels (.txt)
     parts = [remote for name, remote in files.items() if name.startswith("IRMAS-TestingData")]
     if subset.testing_files:
@@ -80,7 +80,7 @@ def download_irmas(dl: Downloads, subset: IrmasSubsetParams) -> dict:
                     if _is_wav(wav) and txt is not None and (max_bytes is None or info.file_size <= max_bytes):
                         excerpts[wav] = (name, info, txt)
             chosen_wavs: dict[str, list[zipfile.ZipInfo]] = {name: [] for name in opened}
-            for wav in _hash_order(excerpts):
+            for wav in hash_order(excerpts):
                 if len(testing) == subset.testing_files:
                     break
                 name, info, txt = excerpts[wav]
@@ -95,8 +95,8 @@ def download_irmas(dl: Downloads, subset: IrmasSubsetParams) -> dict:
             for name, infos in chosen_wavs.items():
                 remote, zf, raw = opened[name]
                 dl.extract(zf, infos, root, remote, raw)
-                archives[name] = _archive_check(remote, raw)
-    return _save_manifest(
+                archives[name] = archive_check(remote, raw)
+    return save_manifest(
         root, "irmas", request, chosen, {"clips": taken, "irmas_testing": testing}, {}, archives,
         dl.ledger.spent - spent, [], annotations=labels,
     )
@@ -111,7 +111,7 @@ def load_irmas(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         path = PurePosixPath(rel)
         # "[cel][cla]0001__2.wav": excerpt 2 of recording 0001; its excerpts share a split.
         recording = f"{path.parent.name}/{path.stem.rsplit('__', 1)[0]}"
-        bucket = _bucket(recording)
+        bucket = hash_bucket(recording)
         split = "test" if bucket < HELD_OUT else "val" if bucket < 2 * HELD_OUT else "train"
         rows.append({"path": str(root / rel), "label": IRMAS_CLASSES[path.parent.name], "instrument": path.parent.name,
                      "recording": recording, "split": split, "source": "irmas"})

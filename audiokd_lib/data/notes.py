@@ -25,8 +25,8 @@ import pandas as pd
 import soundfile as sf
 from tqdm.auto import tqdm
 
+from audiokd_lib.core.files import atomic_path, write_csv
 from audiokd_lib.data.synth import Backend, NoteEvent, Synth, open_synth
-from audiokd_lib.files import atomic_path, write_csv
 
 # A render whose peak stays below this is treated as "the soundfont has no sample here".
 SILENCE_DBFS = -60.0
@@ -35,12 +35,12 @@ SILENCE_DBFS = -60.0
 _SILENCE_PEAK = 10 ** (SILENCE_DBFS / 20)
 
 
-def _is_silent(audio: np.ndarray) -> bool:
+def is_silent(audio: np.ndarray) -> bool:
     """Tell whether a render never rises above SILENCE_DBFS."""
     return audio.size == 0 or float(np.max(np.abs(audio))) < _SILENCE_PEAK
 
 
-def _folder_size_mb(paths: Iterable[Path]) -> float:
+def folder_size_mb(paths: Iterable[Path]) -> float:
     """Return the total size of existing files, in MB."""
     return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
 
@@ -132,12 +132,12 @@ HOLD_FRACTION = 0.75
 _SILENT_COLUMNS = ["Soundfont", "Path", "Instrument (abbr.)", "Pitch ID", "Dynamics", "Velocity", "Peak dBFS"]
 
 
-_PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 
 
 def pitch_name(midi: int) -> str:
     """Name a MIDI pitch the way TinySOL does: sharps, middle C (60) is C4."""
-    return f"{_PITCH_CLASSES[midi % 12]}{midi // 12 - 1}"
+    return f"{PITCH_CLASSES[midi % 12]}{midi // 12 - 1}"
 
 
 def note_path(soundfont: str, instrument: Instrument, midi: int, dynamic: str) -> str:
@@ -192,7 +192,7 @@ def _readable(path: Path, frames: int, sample_rate: int) -> bool:
     return rate == sample_rate and len(audio) == frames
 
 
-def _quantise(audio: np.ndarray) -> np.ndarray:
+def quantise(audio: np.ndarray) -> np.ndarray:
     """Convert float audio to int16 the way soundfile reads it back (x = q / 32768)."""
     return np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)
 
@@ -224,7 +224,7 @@ def _assign_folds(frame: pd.DataFrame) -> pd.Series:
     return folds
 
 
-class _OnDemandSynth:
+class OnDemandSynth:
     """Open a soundfont's synthesiser the first time a render needs it, one soundfont at a time.
 
     A dataset that is already complete then costs no soundfont loading (MuseScore General: seconds).
@@ -335,7 +335,7 @@ def render_notes(
     found_silent: list[dict] = []
     rows: list[dict] = []
     counts = dict.fromkeys(("rendered", "reused", "silent", "repaired"), 0)
-    synths = _OnDemandSynth(sample_rate, backend)
+    synths = OnDemandSynth(sample_rate, backend)
     try:
         for soundfont, instrument, midi, dynamic in tqdm(jobs, "notes", unit="note", disable=not progress):
             row = _metadata_row(soundfont, instrument, midi, dynamic)
@@ -350,12 +350,12 @@ def render_notes(
                 continue
             event = NoteEvent(0.0, HOLD_FRACTION * seconds, midi, dynamic.velocity, instrument.program)
             audio = synths.get(soundfont, soundfonts[soundfont]).render([event], seconds)
-            if _is_silent(audio):
+            if is_silent(audio):
                 target.unlink(missing_ok=True)
                 found_silent.append(_silent_row(row, audio))
                 counts["silent"] += 1
                 continue
-            _write_audio(target, _quantise(audio), sample_rate, "PCM_16")
+            _write_audio(target, quantise(audio), sample_rate, "PCM_16")
             counts["repaired" if existed else "rendered"] += 1
             rows.append(row)
     finally:
@@ -374,7 +374,7 @@ def render_notes(
         root=out_dir,
         audio_seconds=len(metadata) * seconds,
         wall_seconds=time.perf_counter() - started,
-        size_mb=_folder_size_mb(out_dir / p for p in metadata["Path"]),
+        size_mb=folder_size_mb(out_dir / p for p in metadata["Path"]),
         backend=synths.used(),
         **counts,
     )

@@ -27,10 +27,10 @@ import pandas as pd
 import soundfile as sf
 from tqdm.auto import tqdm
 
-from audiokd_lib.data.notes import _PITCH_CLASSES, _folder_size_mb, _is_silent, _OnDemandSynth, _quantise
+from audiokd_lib.core.files import write_csv, write_json
+from audiokd_lib.data.notes import PITCH_CLASSES, OnDemandSynth, folder_size_mb, is_silent, quantise
 from audiokd_lib.data.synth import Backend, NoteEvent, Synth
 from audiokd_lib.data.taxonomy import GROUPS, OPENMIC_CLASSES
-from audiokd_lib.files import write_csv, write_json
 
 
 @dataclass(frozen=True)
@@ -387,7 +387,7 @@ def _write_piece(folder: Path, score: PieceScore, synth: Synth, settings: dict) 
     audio, dropped = {}, []
     for part in score.parts:
         rendered = synth.render(part.events, settings["seconds"])
-        if _is_silent(rendered):
+        if is_silent(rendered):
             # The soundfont lacks this program: a silent stem would be a false label.
             dropped.append(part.stem)
         else:
@@ -404,7 +404,7 @@ def _write_piece(folder: Path, score: PieceScore, synth: Synth, settings: dict) 
     # One gain for the whole piece, so that neither the mixture nor any group clips.
     sums = [np.sum(list(audio.values()), axis=0), *(group_sum(audio, g) for g in GROUPS)]
     gain = min(1.0, _MIXTURE_PEAK / max(float(np.max(np.abs(x))) for x in sums))
-    quantised = {stem: _quantise(gain * x).astype(np.int32) for stem, x in audio.items()}
+    quantised = {stem: quantise(gain * x).astype(np.int32) for stem, x in audio.items()}
     # Stems are 16-bit; a sum of 16-bit values stored as 24-bit PCM (value * 256) is exact, and so
     # is reading it back as float32: the stem files summed reproduce mixture.wav bit for bit.
     # (soundfile takes int32 as full scale 2**31, hence the shift by 16 bits.)
@@ -424,7 +424,7 @@ def _write_piece(folder: Path, score: PieceScore, synth: Synth, settings: dict) 
         "gain": gain,
         "backend": synth.backend,
         "tempo": round(score.tempo, 3),
-        "key": f"{_PITCH_CLASSES[score.tonic]} {score.mode}",
+        "key": f"{PITCH_CLASSES[score.tonic]} {score.mode}",
         "parts": [
             {
                 "stem": p.stem,
@@ -478,7 +478,7 @@ def render_pieces(
     frames = round(seconds * sample_rate)
     counts = dict.fromkeys(("rendered", "reused", "repaired", "silent_stems"), 0)
     infos: list[dict] = []
-    synths = _OnDemandSynth(sample_rate, backend)
+    synths = OnDemandSynth(sample_rate, backend)
     try:
         indices = range(first_index, first_index + count)
         for index in tqdm(indices, f"pieces {soundfont_name}", unit="piece", disable=not progress):
@@ -532,7 +532,7 @@ def render_pieces(
         root=out_dir,
         audio_seconds=len(metadata) * seconds,
         wall_seconds=time.perf_counter() - started,
-        size_mb=_folder_size_mb(f for i in infos for f in (out_dir / i["sample_key"]).rglob("*")),
+        size_mb=folder_size_mb(f for i in infos for f in (out_dir / i["sample_key"]).rglob("*")),
         backend=synths.used(),
         dropped=[f"{i['sample_key']}/{s}" for i in infos for s in i["dropped_silent"]],
         **counts,

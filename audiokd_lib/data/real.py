@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from audiokd_lib.core.params import Params, SubsetParams
 from audiokd_lib.data.download import DownloadError, megabytes
 from audiokd_lib.data.esc50 import download_esc50, load_esc50
 from audiokd_lib.data.irmas import download_irmas, load_irmas
 from audiokd_lib.data.openmic import download_openmic, load_openmic
 from audiokd_lib.data.sources import Downloads
 from audiokd_lib.data.tinysol import download_tinysol, load_tinysol
-from audiokd_lib.experiment.params import Params, SubsetParams
 
 DOWNLOADERS: dict[str, Callable[[Downloads, SubsetParams], dict]] = {
     "tinysol": download_tinysol, "irmas": download_irmas, "openmic": download_openmic, "esc50": download_esc50,

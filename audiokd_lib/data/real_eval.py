@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.params import Params
 from audiokd_lib.data.download import DownloadError, download, file_digest
 from audiokd_lib.data.sources import Downloads
-from audiokd_lib.experiment.params import Params
-from audiokd_lib.files import atomic_path
 
 MANIFEST = Path(__file__).with_name("real_eval.csv")
 ENV = "AUDIOKD_REAL_EVAL"  # a folder holding audio/<file> for every row of the manifest (CI: ../shared/real_eval)

@@ -54,10 +54,10 @@ from pathlib import Path, PurePosixPath
 
 import soundfile as sf
 
+from audiokd_lib.core.files import write_json
+from audiokd_lib.core.params import DownloadParams, SubsetParams
 from audiokd_lib.data import download
 from audiokd_lib.data.download import DownloadError
-from audiokd_lib.experiment.params import DownloadParams, SubsetParams
-from audiokd_lib.files import write_json
 from audiokd_lib.models.weights import cache_dir
 
 ZENODO_FILE = "https://zenodo.org/records/{record}/files/{name}?download=1"
@@ -218,14 +218,14 @@ class Downloads:
         return [info.filename for info in members]
 
 
-def _archive_check(remote: RemoteFile, raw: download.RangeFile | None) -> dict:
+def archive_check(remote: RemoteFile, raw: download.RangeFile | None) -> dict:
     """What was checked of a zip: its md5 when downloaded whole, else every member's CRC-32."""
     whole = raw is None and remote.md5 is not None
     return {"size": remote.size, "md5": remote.md5,
             "check": "md5 of the whole archive" if whole else "CRC-32 of each member read"}
 
 
-def _stream_check(remote: RemoteFile, stream: download.ArchiveStream, checked: bool) -> dict:
+def stream_check(remote: RemoteFile, stream: download.ArchiveStream, checked: bool) -> dict:
     """What was checked of a streamed archive: the md5 only if it was read to the end."""
     if checked:
         check = "md5 of the whole archive"
@@ -236,13 +236,13 @@ def _stream_check(remote: RemoteFile, stream: download.ArchiveStream, checked: b
     return {"size": remote.size, "md5": remote.md5, "bytes_read": stream.position, "check": check}
 
 
-def _cached_bytes(target: Path) -> int:
+def cached_bytes(target: Path) -> int:
     """How much of an archive is in the cache already (whole, or a .part)."""
     part = target.with_name(target.name + ".part")
     return target.stat().st_size if target.is_file() else part.stat().st_size if part.is_file() else 0
 
 
-class _Quota:
+class Quota:
     """Take items in the order offered while one of their classes still needs items (files_per_class each)."""
 
     def __init__(self, classes_of: dict[str, set[str]], per_class: int | None):
@@ -264,7 +264,7 @@ class _Quota:
         return all(self.counts[c] >= q for c, q in self.quota.items())
 
 
-def _choose_classes(classes: list[str] | str, available: Iterable[str], dataset: str) -> list[str]:
+def choose_classes(classes: list[str] | str, available: Iterable[str], dataset: str) -> list[str]:
     """The classes a subset asks for, checked against the dataset's."""
     available = sorted(set(available))
     if classes == "all":
@@ -275,36 +275,36 @@ def _choose_classes(classes: list[str] | str, available: Iterable[str], dataset:
     return list(classes)
 
 
-def _hash_order(names: Iterable[str]) -> list[str]:
+def hash_order(names: Iterable[str]) -> list[str]:
     """A fixed pseudo-random order (by a hash of each name): the same names always come in the same order."""
     return sorted(names, key=lambda name: hashlib.sha256(name.encode()).hexdigest())
 
 
-def _bucket(key: str) -> float:
+def hash_bucket(key: str) -> float:
     """A number in [0, 1) fixed by `key`, to split by hash."""
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def _is(member: str, path: str) -> bool:
+def is_member(member: str, path: str) -> bool:
     """Whether an archive member is the file `path`, under whatever top folder the archive adds."""
     return member == path or member.endswith("/" + path)
 
 
-def _metadata_path(member: str, paths: dict[str, set[str]]) -> str | None:
+def metadata_path(member: str, paths: dict[str, set[str]]) -> str | None:
     """The metadata Path an archive member is: the end of its name (the archive may add a top folder)."""
     parts = PurePosixPath(member).parts
     return next((path for i in range(len(parts)) if (path := "/".join(parts[i:])) in paths), None)
 
 
-def _too_long(path: Path, max_seconds: float | None) -> bool:
+def is_too_long(path: Path, max_seconds: float | None) -> bool:
     return max_seconds is not None and sf.info(path).duration > max_seconds
 
 
-def _request(subset: SubsetParams) -> dict:
+def subset_request(subset: SubsetParams) -> dict:
     return json.loads(json.dumps(subset.model_dump()))
 
 
-def _up_to_date(root: Path, request: dict) -> dict | None:
+def up_to_date(root: Path, request: dict) -> dict | None:
     """The manifest of a subset downloaded before with the same request, if all its files are still there."""
     path = root / "manifest.json"
     if not path.is_file():
@@ -315,7 +315,7 @@ def _up_to_date(root: Path, request: dict) -> dict | None:
     return manifest
 
 
-def _save_manifest(root: Path, dataset: str, request: dict, classes: list[str], clips: dict[str, list[str]],
+def save_manifest(root: Path, dataset: str, request: dict, classes: list[str], clips: dict[str, list[str]],
                    metadata: dict[str, str], archives: dict[str, dict], fetched: int, too_long: list[str],
                    annotations: list[str] = ()) -> dict:
     """Write manifest.json (atomically): the request, what was taken (paths relative to `root`), and what it cost."""

@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from audiokd_lib.core.files import write_csv, write_json
+from audiokd_lib.core.params import DataParams, Params
 from audiokd_lib.data import synth
 from audiokd_lib.data.notes import NotesReport, read_tinysol_metadata, render_notes
 from audiokd_lib.data.pieces import PiecesReport, read_pieces, render_pieces
 from audiokd_lib.data.real import RealData
-from audiokd_lib.experiment.params import DataParams, Params
-from audiokd_lib.files import write_csv, write_json
 
 FALLBACK_SOUNDFONT = "TimGM6mb"  # ships inside the pretty_midi wheel, so pip alone provides it
 

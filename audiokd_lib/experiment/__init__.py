@@ -1,10 +1,9 @@
-"""Running the course: parameters, training, runs tracked in MLflow, tables, the notebook chain.
+"""Orchestration, the top layer: runs trained, evaluated and logged, the tables, the notebook chain.
 
-- `params`: the profile schema (params/*.yaml)
-- `losses`, `training`: cached features, augmentation on features, the training loop
-- `runs`: one model run start to finish (train, evaluate, log), several side by side
-- `metrics`: scores and costs, measured the same way for every model
-- `tracking`: the MLflow store
-- `report`: the final table and figures from MLflow
+- `runs`: one model run start to finish (train or reuse by settings, evaluate, log), several side by side
+- `workers`: where a run trains (this process, a process pool, torchrun)
+- `evaluation`: features, scores, costs and figures, the same for every model
+- `results`: the tables from MLflow and Welch's test across seeds
+- `report`: the course's final table and figures
 - `pipeline`: running the notebooks with papermill
 """

@@ -17,8 +17,8 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
-from audiokd_lib.experiment.params import Params, load_params
-from audiokd_lib.files import atomic_path, project_root, write_csv
+from audiokd_lib.core.files import atomic_path, project_root, write_csv
+from audiokd_lib.core.params import Params, load_params
 
 KERNEL = "python3"
 

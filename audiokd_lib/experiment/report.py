@@ -13,12 +13,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from audiokd_lib.core import tracking
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.params import Params
+from audiokd_lib.core.plots import save_fig
 from audiokd_lib.data import real_eval
-from audiokd_lib.experiment import tracking
-from audiokd_lib.experiment.params import Params
-from audiokd_lib.experiment.runs import TABLE_COLUMNS, best_run
-from audiokd_lib.files import atomic_path
-from audiokd_lib.plots import save_fig
+from audiokd_lib.experiment.results import TABLE_COLUMNS, best_run
 
 # student-scratch: a pruned architecture re-initialised and distilled, the control for re-training pruned weights
 ROLES = ("teacher", "student-baseline", "student-kd", "student-pruned", "student-rekd", "student-finetuned",

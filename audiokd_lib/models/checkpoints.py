@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from audiokd_lib.audio.features import LogMel
-from audiokd_lib.experiment.params import FeatureParams, StudentParams
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.params import FeatureParams, StudentParams
 from audiokd_lib.models import ensemble, teachers
 from audiokd_lib.models.classifier import Classifier, Normalise
 from audiokd_lib.models.students import student_net
-from audiokd_lib.models.teachers import _ASTLogits, _efficientat
+from audiokd_lib.models.teachers import ASTLogits, efficientat_classifier
 
 
 def save_checkpoint(model: Classifier, path: str | Path, **extra: Any) -> Path:
@@ -97,13 +97,13 @@ def build_model(spec: dict[str, Any]) -> Classifier:
         return Classifier(spec, LogMel(fp), Normalise(torch.zeros(n_mels), torch.ones(n_mels)),
                           student_net(sp, len(classes)))
     if spec["kind"] == "efficientat":
-        return _efficientat(spec, teachers.replace_head(teachers.efficientat_mobilenet(), len(classes)))
+        return efficientat_classifier(spec, teachers.replace_head(teachers.efficientat_mobilenet(), len(classes)))
     if spec["kind"] == "ast":
         from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
 
         net = ASTForAudioClassification(ASTConfig.from_dict(spec["ast_config"]))
         frontend = teachers.ASTFrontend(ASTFeatureExtractor.from_dict(spec["extractor"]))
-        return Classifier(spec, frontend, nn.Identity(), _ASTLogits(net))
+        return Classifier(spec, frontend, nn.Identity(), ASTLogits(net))
     if spec["kind"] == "ensemble":
         return ensemble.assemble(spec, [build_model(member) for member in spec["members"]])
     raise ValueError(f"unknown model kind {spec['kind']!r}")

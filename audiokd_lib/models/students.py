@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 
 from audiokd_lib.audio.features import LogMel, NormStats
-from audiokd_lib.experiment.params import Params, StudentParams
+from audiokd_lib.core.params import Params, StudentParams
 from audiokd_lib.models.classifier import Classifier, Normalise
 
 STUDENT_BUILDERS = {

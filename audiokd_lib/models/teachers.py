@@ -28,7 +28,7 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.ops.misc import SqueezeExcitation
 
 from audiokd_lib.audio.features import LogMel
-from audiokd_lib.experiment.params import FeatureParams, Params
+from audiokd_lib.core.params import FeatureParams, Params
 from audiokd_lib.models import teachers
 from audiokd_lib.models.classifier import Classifier, Normalise
 
@@ -46,7 +46,7 @@ def check_efficientat_features(fp: FeatureParams) -> None:
                          "profile's `features` section, or use teacher.kind: ast")
 
 
-def _efficientat(spec: dict[str, Any], net: nn.Module) -> Classifier:
+def efficientat_classifier(spec: dict[str, Any], net: nn.Module) -> Classifier:
     fp = FeatureParams(**spec["features"])
     return Classifier(spec, LogMel(fp), Normalise(-4.5, 5.0), net)
 
@@ -67,7 +67,7 @@ def pretrained_audioset(params: Params, progress: bool = True) -> Classifier:
     spec = {"kind": "efficientat", "checkpoint": tp.checkpoint, "classes": names, "multilabel": True,
             "features": fp.model_dump(), "sample_rate": fp.sample_rate, "clip_seconds": fp.clip_seconds,
             "identity": f"EfficientAT {tp.checkpoint} (MobileNetV3, AudioSet-pretrained)"}
-    return _efficientat(spec, net).eval()
+    return efficientat_classifier(spec, net).eval()
 
 
 def build_teacher(params: Params, classes: list[str], multilabel: bool = False, progress: bool = True,
@@ -90,12 +90,12 @@ def build_teacher(params: Params, classes: list[str], multilabel: bool = False, 
                 "clip_seconds": params.features.clip_seconds, "sample_rate": frontend.sample_rate,
                 "ast_config": net.config.to_dict(), "extractor": frontend.extractor.to_dict(),
                 "identity": f"AST {tp.checkpoint}"}
-        model = Classifier(spec, frontend, nn.Identity(), _ASTLogits(net))
+        model = Classifier(spec, frontend, nn.Identity(), ASTLogits(net))
     teachers.set_trainable(model.net.model if tp.kind == "ast" else model.net, tp.finetune, tp.last_blocks)
     return model
 
 
-class _ASTLogits(nn.Module):
+class ASTLogits(nn.Module):
     """AST returns an output object; the course's models return plain logits."""
 
     def __init__(self, model: nn.Module):

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from audiokd_lib.beats.pieces import render_beat_pieces, render_versions
+from audiokd_lib.core.files import write_csv
+from audiokd_lib.core.params import Params, SearchParams
 from audiokd_lib.data import tables
-from audiokd_lib.experiment.params import Params, SearchParams
-from audiokd_lib.files import write_csv
 from audiokd_lib.search.features import Segments, make_segments
 from audiokd_lib.search.metrics import retrieval_scores
 from audiokd_lib.search.model import Recording

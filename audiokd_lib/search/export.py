@@ -16,9 +16,9 @@ import torch
 
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.compress.export import onnx_session
-from audiokd_lib.experiment.metrics import median_ms
-from audiokd_lib.experiment.params import SearchParams
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.metrics import median_ms
+from audiokd_lib.core.params import SearchParams
 from audiokd_lib.search import model as embedding
 from audiokd_lib.search.features import FEATURE_KEYS, MODALITIES, make_segments, piece_features
 

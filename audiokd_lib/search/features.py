@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.experiment.params import SearchParams
-from audiokd_lib.files import atomic_path, write_json
+from audiokd_lib.core.files import atomic_path, write_json
+from audiokd_lib.core.params import SearchParams
 
 MODALITIES = ("timbre", "harmony", "rhythm")
 FEATURE_KEYS = ("n_fft", "hop_length", "n_mels", "n_chroma", "tempo_lags", "hpss")

@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from audiokd_lib.experiment.params import SearchIndexParams
-from audiokd_lib.files import atomic_folder, write_csv, write_json
+from audiokd_lib.core.files import atomic_folder, write_csv, write_json
+from audiokd_lib.core.params import SearchIndexParams
 from audiokd_lib.search.metrics import expand_query, mmr_order
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aif", ".aiff", ".opus")

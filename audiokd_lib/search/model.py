@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from audiokd_lib.experiment.params import SearchParams
-from audiokd_lib.files import file_digest
+from audiokd_lib.core.files import file_digest
+from audiokd_lib.core.params import SearchParams
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 from audiokd_lib.search.features import MODALITIES, Segments, channels, crop, segment_frames, settings
 from audiokd_lib.search.metrics import retrieval_scores
@@ -316,7 +316,7 @@ def log_run(params, role: str, name: str, model: Embedder, fit: SearchFit, score
             params_file: str | Path | None = None) -> str:
     """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
     curve, scores, size and cost; return the run's id."""
-    from audiokd_lib.experiment import tracking
+    from audiokd_lib.core import tracking
 
     path = save(model, params.output_dir / "models" / name / "model.pt")
     return tracking.log_trained(params, role, name, "search", path, fit.history, {

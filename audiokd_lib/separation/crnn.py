@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.experiment import distributed
-from audiokd_lib.experiment.loop import EpochLoop
-from audiokd_lib.experiment.params import CRNNParams
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core import distributed
+from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.loop import EpochLoop
+from audiokd_lib.core.params import CRNNParams
 from audiokd_lib.models.checkpoints import read_checkpoint
 
 FOUR_STEMS = ("drums", "bass", "other", "vocals")  # htdemucs and the CRNN, in Demucs' order
@@ -251,7 +251,7 @@ def train_crnn(model: MaskCRNN, train: pd.DataFrame, val: pd.DataFrame, cp: CRNN
     counts against the budget); the best weights are written to `run_dir/model.pt` and restored into
     `model`. `on_epoch` receives each epoch's row, e.g. to log it to MLflow. AdamW at a constant rate,
     gradients clipped, mixed precision on CUDA only. The epochs, early stopping and `last.pt` are
-    :class:`~audiokd_lib.experiment.loop.EpochLoop`'s, as for the classifiers.
+    :class:`~audiokd_lib.core.loop.EpochLoop`'s, as for the classifiers.
     """
     rank, processes = distributed.rank_and_size()
     progress = progress and rank == 0

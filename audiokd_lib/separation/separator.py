@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from audiokd_lib.audio.loading import resample
-from audiokd_lib.experiment.params import Params
-from audiokd_lib.files import project_root
+from audiokd_lib.core.files import project_root
+from audiokd_lib.core.params import Params
 from audiokd_lib.separation.crnn import CHECKPOINT_NAME, CRNN_SEGMENT_SECONDS, MaskCRNN, load_crnn
 
 SIX_STEMS = ("drums", "bass", "other", "vocals", "guitar", "piano")  # htdemucs_6s
@@ -123,7 +123,7 @@ def open_separator(choice: str, params: Params) -> nn.Module:
     if choice == "demucs":
         return load_demucs(sp.demucs_name, sp.demucs_repo)
     if choice == "crnn":
-        from audiokd_lib.experiment import tracking
+        from audiokd_lib.core import tracking
 
         return load_crnn(tracking.artifact_path(tracking.latest_run(params, "separator"), CHECKPOINT_NAME))
     if Path(choice).is_file():

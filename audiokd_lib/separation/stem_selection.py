@@ -15,8 +15,8 @@ from typing import Any
 import pandas as pd
 
 from audiokd_lib.audio.loading import save_audio
+from audiokd_lib.core.files import atomic_folder, write_json
 from audiokd_lib.data.taxonomy import OPENMIC_CLASSES
-from audiokd_lib.files import atomic_folder, write_json
 from audiokd_lib.separation.crnn import FOUR_STEMS
 from audiokd_lib.separation.separator import SIX_STEMS, Separation
 

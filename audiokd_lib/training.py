@@ -14,10 +14,10 @@ What the loop does, in the order a reader meets it:
   weights are restored at the end and saved;
 - after every epoch the full state (weights, optimiser, schedule, history, random generators) is
   written to `last.pt`, so an interrupted run resumes where it stopped. The epochs, early stopping
-  and `last.pt` are :mod:`~audiokd_lib.experiment.loop`'s, shared with the separator's training.
+  and `last.pt` are :mod:`~audiokd_lib.core.loop`'s, shared with the separator's training.
 
 With `distributed.processes` above 1 a run is trained data-parallel by several processes (GPUs, or
-CPU cores), each taking its slice of every batch: :mod:`~audiokd_lib.experiment.distributed`.
+CPU cores), each taking its slice of every batch: :mod:`~audiokd_lib.core.distributed`.
 
 Distillation (:func:`distillation_loss`) follows Hinton et al. (2015). In `cached` mode the teacher's
 logits on the clean clips are computed once and looked up; in `consistent` mode (Beyer et al., 2022)
@@ -44,11 +44,11 @@ from audiokd_lib.audio.features import SkippedFiles, iter_clips
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
 from audiokd_lib.compress.export import head_module
 from audiokd_lib.compress.prune import recalibrate_batchnorm
-from audiokd_lib.experiment import distributed, metrics
-from audiokd_lib.experiment.loop import EpochLoop
-from audiokd_lib.experiment.losses import hard_loss
-from audiokd_lib.experiment.params import KDParams, Params, TrainParams
-from audiokd_lib.files import atomic_path, write_json
+from audiokd_lib.core import distributed, metrics
+from audiokd_lib.core.files import atomic_path, write_json
+from audiokd_lib.core.loop import EpochLoop
+from audiokd_lib.core.losses import hard_loss
+from audiokd_lib.core.params import KDParams, Params, TrainParams
 from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.models.students import prunable_layers
 
@@ -380,7 +380,7 @@ def fit(model: Classifier, train: FeatureSet, val: FeatureSet, tp: TrainParams, 
     with soft targets from `teacher_logits` (cached mode: one row per training clip) or from `teacher`
     run on the augmented batch (consistent mode). `on_epoch` receives each epoch's row (to log it to
     MLflow). Each batch goes through :func:`train_step`; the epochs, early stopping and resuming are
-    :class:`~audiokd_lib.experiment.loop.EpochLoop`'s.
+    :class:`~audiokd_lib.core.loop.EpochLoop`'s.
     """
     if kd is not None and (teacher is None) == (teacher_logits is None):
         raise ValueError("distillation needs exactly one of `teacher` (consistent) or `teacher_logits` (cached)")

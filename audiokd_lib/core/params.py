@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from audiokd_lib.files import project_root
+from audiokd_lib.core.files import project_root
 
 
 class ParamsError(ValueError):
@@ -604,7 +604,7 @@ def write_effective(params: Params, source: str | Path, overrides: list[str]) ->
     The file, outputs/<profile>/params/<profile>.yaml, is a complete profile: the notebooks read it,
     MLflow stores it with every run, and `audiokd run --params` on it repeats the run.
     """
-    from audiokd_lib.files import atomic_path
+    from audiokd_lib.core.files import atomic_path
 
     path = params.output_dir / "params" / f"{params.profile}.yaml"
     header = (f"# The settings of profile {params.profile} as run: {source}"

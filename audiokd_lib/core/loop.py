@@ -1,6 +1,6 @@
 """The epoch loop every training of the course shares: early stopping, the best epoch kept, resumable state.
 
-The classifiers (:func:`audiokd_lib.experiment.training.fit`) and the mask CRNN
+The classifiers (:func:`audiokd_lib.training.fit`) and the mask CRNN
 (:func:`audiokd_lib.separation.crnn.train_crnn`) differ in their steps and their validation; what
 happens between epochs is the same for both and is written once here (:class:`EpochLoop`):
 
@@ -10,7 +10,7 @@ happens between epochs is the same for both and is written once here (:class:`Ep
 - after every epoch the whole state (weights, optimiser, schedule, history, random generators) is
   written to `last.pt` atomically, so an interrupted run resumes exactly where it stopped. The file
   holds only tensors and plain Python values, so it is read back with torch's weights-only loader.
-  In data-parallel training (:mod:`~audiokd_lib.experiment.distributed`) rank 0 writes it and every
+  In data-parallel training (:mod:`~audiokd_lib.core.distributed`) rank 0 writes it and every
   process resumes from it.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from audiokd_lib.experiment.distributed import any_process, is_main
-from audiokd_lib.files import atomic_path
+from audiokd_lib.core.distributed import any_process, is_main
+from audiokd_lib.core.files import atomic_path
 
 
 def _state_of(thing: Any) -> Any:

@@ -4,11 +4,19 @@ Each profile has its own store, ``outputs/<profile>/mlflow.db`` (SQLite) with ar
 ``outputs/<profile>/mlartifacts``, so a smoke run never mixes into another profile's table. Every run
 carries a ``role`` tag (``teacher``, ``student-baseline``, ...; see :data:`ROLE_NOTEBOOKS`):
 :func:`runs_frame` lists finished runs as a DataFrame and :func:`latest_run` finds a role's newest one.
+
+A run is reused by its settings: its folder (`outputs/<profile>/models/<name>/`) keeps the key of the
+settings it was started with (:func:`settings_key`); :func:`reuse_or_prepare` returns the MLflow row of a
+finished run with the same key, or clears a folder whose settings changed; :func:`finish_run` marks it done.
+Every trained model of every notebook goes through these, so a second `make run` trains nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +30,8 @@ import pandas as pd
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from audiokd_lib.experiment.params import Params
+from audiokd_lib.core.files import write_json
+from audiokd_lib.core.params import Params
 
 # Which notebook makes the runs of each role: named in the error when a later notebook finds none.
 ROLE_NOTEBOOKS = {
@@ -238,3 +247,40 @@ def artifact_path(run: pd.Series, relative: str) -> Path:
         present = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
         raise FileNotFoundError(f"run {run['run_id']} has no artifact '{relative}'; it has: {present or 'none'}")
     return path
+
+
+def settings_key(settings: dict) -> str:
+    """A short hash of a run's settings (plain values): equal keys, the same run."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reuse_or_prepare(params: Params, role: str, name: str, key: str, run_dir: Path,
+                     done_marker: Path | None = None) -> pd.Series | None:
+    """The MLflow row of the finished run `name` if it had settings `key`, else None after clearing a run
+    folder whose settings changed (an interrupted run with the same key keeps its `last.pt` and resumes).
+
+    `done_marker`: a file the finished run must still have (its weights) to be reused.
+    """
+    done_file = run_dir / "done.json"
+    if done_file.is_file() and (done_marker is None or done_marker.is_file()):
+        done = json.loads(done_file.read_text())
+        runs = runs_frame(params, role)
+        found = runs[runs["run_id"] == done.get("run_id")] if done.get("key") == key else runs.iloc[:0]
+        if len(found):
+            print(f"{name}: already trained with these settings (MLflow run {done['run_id'][:8]}); reusing it")
+            return found.set_index("run_id", drop=False).iloc[0]
+    if (run_dir / "key.txt").is_file() and (run_dir / "key.txt").read_text() != key:
+        print(f"{name}: settings changed since the last run; starting it again")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "key.txt").write_text(key)
+    return None
+
+
+def finish_run(params: Params, role: str, run_dir: Path, run_id: str) -> pd.Series:
+    """Mark the run folder done (for reuse), drop its last.pt (the best weights are saved), and return the
+    run's MLflow row."""
+    write_json(run_dir / "done.json", {"key": (run_dir / "key.txt").read_text(), "run_id": run_id})
+    (run_dir / "last.pt").unlink(missing_ok=True)
+    return runs_frame(params, role).set_index("run_id", drop=False).loc[run_id].rename(run_id)

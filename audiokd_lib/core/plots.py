@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from IPython.display import Audio
 
-from audiokd_lib.experiment.params import Params
+from audiokd_lib.core.params import Params
 
 
 def save_fig(fig: plt.Figure, params: Params, name: str) -> Path:

@@ -3,7 +3,7 @@
 `torchrun` starts the processes and tells each its rank; `DistributedDataParallel` (DDP) averages
 the gradients after every backward pass, so every process holds the same weights after every step.
 Nothing here replaces them; this module only decides how the course's training loop
-(:func:`audiokd_lib.experiment.training.fit`) shares one step among N processes:
+(:func:`audiokd_lib.training.fit`) shares one step among N processes:
 
 - every process draws the same global batch (the batch order has one seed) and augments it the same
   way (the augmentations have one seed too), then keeps its own slice of it (:func:`shard`). N
