@@ -19,7 +19,7 @@ Nothing here replaces them; this module only decides how the course's training l
 
 `train_many` (:mod:`~audiokd_lib.experiment.runs`) starts `torchrun` itself when
 `distributed.processes` is above 1, and prints the command, which also trains a run across several
-machines (README, "Training on several GPUs").
+machines (docs/running.md, "Training on several GPUs").
 """
 
 from __future__ import annotations
