@@ -36,17 +36,17 @@
 params_file = "params/quick.yaml"
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from IPython.display import Markdown, display
 
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.beats import decode, stream, track
+from audiokd_lib.beats import decode, reuse, stream, track
 from audiokd_lib.beats import model as beatnet
+from audiokd_lib.beats.model import BeatModel
 from audiokd_lib.beats.pieces import render_beat_pieces
 from audiokd_lib.core import plots
 from audiokd_lib.core.params import load_params
@@ -109,27 +109,46 @@ if bp.real_dataset == "candombe":
 # Same front end, same outputs (a beat and a downbeat probability per frame). The teacher's GRU is
 # bidirectional and two layers deep; the student's is one small layer that reads forward only. Both
 # learn from random 4 s excerpts, against targets one frame wide and half as strong on the frames
-# beside. The distilled student is trained on `(1 - kd_alpha) x labels + kd_alpha x teacher`, where
-# the teacher's activations were computed on the whole piece.
+# beside.
+#
+# ### The distillation loss, in code
+#
+# Each output is a yes/no question per frame (is there a beat here? a downbeat?), so the loss is a
+# binary cross-entropy, as for notebook 05's multi-label clips. The distilled student answers to two
+# targets: the labels, and the teacher's probabilities of the same frames, computed on the whole piece
+# (what the future told the teacher). `alpha` (`beats.kd_alpha`) weighs the teacher. This is the function
+# the training loop calls (`audiokd_lib/beats/model.py`; a test checks the two copies are the same code).
 
 # %%
-beatnet.set_normalisation(teacher, sets["train"])
-started = time.perf_counter()
-teacher_fit = beatnet.train_beats(teacher, sets["train"], sets["val"], bp, params.seed)
-print(f"teacher: best epoch {teacher_fit.best_epoch}, {time.perf_counter() - started:.0f} s")
-teacher_acts = dict(zip([p.key for p in sets["train"]], beatnet.predict(teacher, sets["train"])))
+# lesson code: audiokd_lib.beats.model.distill_loss
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
+                 alpha: float) -> torch.Tensor:
+    """Binary cross-entropy against the labels and, for a distilled student, against the teacher's
+    probabilities of the same frames: (1 - alpha) x BCE(labels) + alpha x BCE(teacher). Hinton's
+    distillation with one sigmoid per output (beat, downbeat) and frame, at temperature 1."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    if teacher is None:
+        return loss
+    return (1 - alpha) * loss + alpha * F.binary_cross_entropy_with_logits(logits, teacher)
 
-students = {}
-for variant, soft in (("labels", None), ("kd", teacher_acts)):
-    student = beatnet.build(bp, "student", seed=params.seed)
-    beatnet.set_normalisation(student, sets["train"])
-    started = time.perf_counter()
-    fit = beatnet.train_beats(student, sets["train"], sets["val"], bp, params.seed, teacher_acts=soft)
-    print(f"student ({variant}): best epoch {fit.best_epoch}, {time.perf_counter() - started:.0f} s")
-    students[variant] = (student, fit)
-models = {"teacher": (teacher, teacher_fit), "student-labels": students["labels"], "student-kd": students["kd"]}
+
+# %% [markdown]
+# Each model is one MLflow run (roles `beats-teacher` and `beats-student`). A run that already finished
+# with the same settings (model, training settings, seed, the pieces, the teacher) is reused, not trained
+# again; one that was interrupted resumes from its last epoch.
+
+# %%
+models, fits = {"teacher": teacher}, {}
+fits["teacher"] = beatnet.fit_beats(params, "beats-teacher", teacher, sets, params_file=params_file)
+for variant, distilled_from in (("labels", None), ("kd", teacher)):
+    models[f"student-{variant}"] = beatnet.build(bp, "student", seed=params.seed)
+    fits[f"student-{variant}"] = beatnet.fit_beats(params, f"beats-student-{variant}", models[f"student-{variant}"],
+                                                   sets, teacher=distilled_from, params_file=params_file)
 pd.DataFrame({name: {"params": sum(p.numel() for p in m.net.parameters()), "causal": m.causal,
-                     "MACs per second": beatnet.macs_per_second(m)} for name, (m, _) in models.items()}).T
+                     "MACs per second": beatnet.macs_per_second(m), "best epoch": fits[name].best_epoch,
+                     "epochs": len(fits[name].history), "training s": round(fits[name].history["seconds"].sum()),
+                     "MLflow run": fits[name].run_id[:8] + (" (reused)" if fits[name].reused else "")}
+              for name, m in models.items()}).T
 
 # %% [markdown]
 # ## 4 · From activations to beats, and how good they are
@@ -137,27 +156,37 @@ pd.DataFrame({name: {"params": sum(p.numel() for p in m.net.parameters()), "caus
 # Peak picking at each threshold of `beats.thresholds`, and the DBN (which needs no threshold) with
 # the bar HMM for the downbeats. mir_eval scores every piece of `test` (unseen pieces), `heldout`
 # (unseen pieces in an unseen soundfont) and, when downloaded, `real`, skipping the first 5 s as MIREX
-# does.
+# does. Each model's scores are kept beside the key of what made them (its weights, the pieces, the
+# decoders' settings) and read back while that key is the same.
 
 # %%
 dbn = decode.dbn_for(bp, fps)
-rows, scores = [], {name: {} for name in models}
-for name, (model, _) in models.items():
-    for split in ("test", "heldout", "real"):
-        if split not in sets:
-            continue
-        data = sets[split]
+tested = {split: sets[split] for split in ("test", "heldout", "real") if split in sets}
+
+
+def score(model: BeatModel) -> list[dict]:
+    """One row per split and decoder: peak picking at every threshold, then the DBN."""
+    rows = []
+    for split, data in tested.items():
         acts = beatnet.predict(model, data)
         truth, truth_down = [p.beats for p in data], [p.downbeats for p in data]
         for threshold in bp.thresholds:
             found = decode.evaluate([decode.pick_peaks(a[:, 0], threshold, fps) for a in acts], truth,
                                     [decode.pick_peaks(a[:, 1], threshold, fps) for a in acts], truth_down)
-            rows.append({"model": name, "split": split, "decoder": f"peaks {threshold:g}", **found})
-            scores[name].update({f"{split}_peaks{threshold:g}_{k.replace(' ', '_')}": v for k, v in found.items()})
+            rows.append({"split": split, "decoder": f"peaks {threshold:g}", "key": f"peaks{threshold:g}", **found})
         found = decode.evaluate_dbn(acts, truth, truth_down, dbn, bp.bar_lengths)
-        rows.append({"model": name, "split": split, "decoder": "DBN", **found})
-        scores[name].update({f"{split}_dbn_{k.replace(' ', '_')}": v for k, v in found.items()})
-results = pd.DataFrame(rows)
+        rows.append({"split": split, "decoder": "DBN", "key": "dbn", **found})
+    return rows
+
+
+pieces_key = {split: reuse.pieces_digest(data, "key", "features", "beats", "downbeats") for split, data in tested.items()}
+rows = [{"model": name, **row} for name, model in models.items()
+        for row in reuse.cached(params.output_dir / "beats" / f"scores-{name}.pkl",
+                                {"model": reuse.digest(model.net), "pieces": pieces_key, "beats": bp.model_dump()},
+                                lambda: score(model))]
+scores = {name: {f"{r['split']}_{r['key']}_{k.replace(' ', '_')}": r[k] for r in rows if r["model"] == name
+                 for k in ("F", "CMLt", "AMLt", "downbeat F") if k in r} for name in models}
+results = pd.DataFrame(rows).drop(columns="key")
 display(results.pivot_table(index=["model", "decoder"], columns="split", values=["F", "downbeat F"],
                             sort=False).round(3))
 display(results[results["decoder"] == "DBN"].set_index(["model", "split"]).round(3))
@@ -200,7 +229,7 @@ piece = sets[split][0]
 fig, axes = plt.subplots(2, 1, figsize=(10, 4), sharex=True)
 seconds = np.arange(len(piece.features)) / fps
 for ax, name in zip(axes, ("teacher", "student-kd")):
-    acts = beatnet.predict(models[name][0], [piece])[0]
+    acts = beatnet.predict(models[name], [piece])[0]
     ax.plot(seconds, acts[:, 0], label="beat", lw=1)
     ax.plot(seconds, acts[:, 1], label="downbeat", lw=1)
     ax.vlines(piece.beats, 0, 1, color="0.7", lw=0.8)
@@ -220,27 +249,51 @@ plt.show()
 # %% [markdown]
 # ## 5 · MLflow
 #
-# Each model is a run (roles `beats-teacher` and `beats-student`), with its learning curve, every
-# score above (`heldout_dbn_F`, `heldout_peaks0.5_downbeat_F`, ...), its parameters and MACs per
-# second, and its weights.
+# Each model's run (roles `beats-teacher` and `beats-student`) holds its learning curve, its parameters,
+# MACs per second and weights since training; every score above (`heldout_dbn_F`,
+# `heldout_peaks0.5_downbeat_F`, ...) is added to it now (a score it already holds is not written again).
 
 # %%
-roles = {"teacher": "beats-teacher", "student-labels": "beats-student", "student-kd": "beats-student"}
-for name, (model, fit) in models.items():
-    run_id = beatnet.log_run(params, roles[name], f"beats-{name}", model, fit, scores[name], params_file)
-    print(f"beats-{name}: MLflow run {run_id[:8]}")
+for name, fit in fits.items():
+    added = reuse.add_scores(params, fit, scores[name])
+    print(f"beats-{name}: MLflow run {fit.run_id[:8]}, {len(added)} scores added")
 
 # %% [markdown]
 # ## 6 · Real time
 #
 # The distilled student on a stream: one hop of audio (20 ms) in, one frame of features, one GRU
 # step, and a beat out as soon as the activation rises through the threshold (no DBN: it needs the
-# future to pick its path; an online tracker decides now). Per-hop time on one thread, and the
-# real-time factor (processing time over audio time). The streamed activations must equal the
-# whole-file ones: the front end and the student are causal.
+# future to pick its path; an online tracker decides now).
+#
+# ### The streaming step, in code
+#
+# What runs every 20 ms, as the library has it (`audiokd_lib/beats/stream.py`, the step `BeatStream.push`
+# takes for each hop). The stream keeps three things between hops: the last `n_fft` samples (the
+# window that ends now), the previous frame's log mel (for the rise) and the GRU's hidden state.
+# Carrying the state is what lets a recurrent network run forever on a stream at a constant cost a
+# frame; a bidirectional teacher has no such step, since its backward half starts from the end.
 
 # %%
-student = models["student-kd"][0]
+# lesson code: audiokd_lib.beats.stream.stream_step
+def stream_step(model: BeatModel, window: torch.Tensor, previous: torch.Tensor, state: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One hop of a live stream: the last n_fft samples, the previous frame's log mel and the GRU's state in;
+    this frame's (beat, downbeat) probabilities, its log mel and the new state out.
+
+    Nothing here waits for the future: one spectrum of the window that ends now, its rise over the
+    previous frame, one GRU step from the carried state. The same numbers as the whole-file model's
+    for this frame, because the front end and the student are causal."""
+    features, mel = model.frontend.step(window, previous)
+    logits, state = model.net.step(features[None], state)
+    return torch.sigmoid(logits[0, 0]), mel, state
+
+
+# %% [markdown]
+# A whole piece through the stream, hop by hop: per-hop time on one thread, and the real-time factor
+# (processing time over audio time). The streamed activations must equal the whole-file ones.
+
+# %%
+student = models["student-kd"]
 row = pieces[pieces["sample_key"] == piece.key].iloc[0]
 wave = load_audio(row["path"], bp.pieces.sample_rate)[0]
 streamed, events, took = stream.stream_file(student, wave)
@@ -260,11 +313,13 @@ print(f"online beats: {len(online)}; mir_eval F against the truth: "
 #
 # For an embedded board: the step (normalise, project, GRU cell, outputs) with the GRU state as input
 # and output, opset 17, checked against PyTorch over a whole piece, step by step, and timed with
-# ONNX Runtime on one thread.
+# ONNX Runtime on one thread. Exported again only when the student changed.
 
 # %%
-onnx_path = stream.export_step(student, params.output_dir / "models" / "beats-student-kd" / "step.onnx")
-parity = stream.check_step(student, onnx_path, piece.features)
+onnx_path = params.output_dir / "models" / "beats-student-kd" / "step.onnx"
+parity = reuse.cached(onnx_path.with_suffix(".check.pkl"), {"model": reuse.digest(student.net), "piece": piece.key},
+                      lambda: stream.check_step(student, stream.export_step(student, onnx_path), piece.features),
+                      needs=[onnx_path])
 print(f"{onnx_path.name}: largest difference {parity['max_abs_diff']:.1e}, MSE {parity['mse']:.1e}; "
       f"a step takes {parity['pytorch_ms']:.3f} ms in PyTorch, {parity['onnxruntime_ms']:.3f} ms in ONNX Runtime")
 

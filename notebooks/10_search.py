@@ -38,17 +38,19 @@
 params_file = "params/quick.yaml"
 
 # %%
-import time
-
 import matplotlib.pyplot as plt
 import numpy as np
 import optuna
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from IPython.display import Markdown, display
+from torch import nn
 
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.beats import reuse
 from audiokd_lib.core import plots
+from audiokd_lib.core.files import file_digest
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
 from audiokd_lib.search import export
@@ -62,6 +64,7 @@ params = load_params(params_file)
 sp, rate = params.search, params.beats.pieces.sample_rate
 torch.set_num_threads(params.threads)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # mixed precision on CUDA
+store = params.output_dir / "search"  # results kept by their settings, computed again only when those change
 
 # %% [markdown]
 # ## 1 · The collection
@@ -104,6 +107,31 @@ axes[0].set_ylabel(within.items["sample_key"].iloc[0])
 fig.tight_layout()
 plots.save_fig(fig, params, "10_views")
 plt.show()
+data_key = embedding.recordings_digest(train, val)  # what training learns from: part of every model's settings
+tests_key = reuse.digest([[s.items["group"].to_numpy(), dict(s.features)] for s in (within, twin_queries, catalogue)])
+
+# %% [markdown]
+# ### Gated fusion, in code
+#
+# Each view goes through its own backbone to a vector of the same size. A linear layer and a sigmoid
+# per view score how much that view should count for *this* segment (a drum solo has little harmony to
+# offer), the scores are normalised to sum to one, and the fused vector is the weighted sum. The weights
+# come out too, so we can later ask what the model listens to. The library's class
+# (`audiokd_lib/search/model.py`; a test checks the two copies are the same code):
+
+# %%
+# lesson code: audiokd_lib.search.model.GatedFusion
+class GatedFusion(nn.Module):
+    """Modality vectors [(batch, dim)] -> (fused (batch, dim), weights (batch, modalities) summing to 1)."""
+
+    def __init__(self, dim: int, modalities: int):
+        super().__init__()
+        self.gates = nn.ModuleList(nn.Linear(dim, 1) for _ in range(modalities))
+
+    def forward(self, vectors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        gates = torch.cat([torch.sigmoid(gate(v)) for gate, v in zip(self.gates, vectors)], dim=1)
+        weights = gates / gates.sum(dim=1, keepdim=True)
+        return (weights.unsqueeze(-1) * torch.stack(vectors, dim=1)).sum(dim=1), weights
 
 # %% [markdown]
 # ## 3 · Metric learning, and a short hyper-parameter search
@@ -111,34 +139,97 @@ plt.show()
 # A batch holds `pieces_per_batch` pieces x `segments` random 6 s crops of each (from any of its
 # recordings). The **triplet loss** pushes every negative at least `margin` further from an anchor than
 # its positives; the **supervised contrastive loss** is a softmax over the batch in which the positives
-# must win, sharpened by a low temperature. After every epoch the validation pieces in the training
+# must win, sharpened by a low temperature (`search.supcon_temperature`; not notebook 05's
+# `kd.temperature`, which softens a teacher's probabilities). After every epoch the validation pieces in the training
 # soundfont search the same pieces in the transfer soundfont; the epoch with the best recall@5 (ties
 # broken by mAP) is kept.
 #
 # Optuna first tries `search.optuna_trials` learning rates and temperatures for the small contrastive
 # model, each trained `search.optuna_epochs` epochs and scored by validation mAP (recall@5 is often
 # already perfect, so it cannot rank them). All four models below use the best trial's learning rate
-# (and the contrastive ones its temperature).
+# (and the contrastive ones its temperature). The study is kept with its settings and data, and run
+# again only when those change.
+#
+# ### The two metric losses, in code
+#
+# Both read the batch's labels (the piece of each crop) as two masks: positives (same piece, not itself)
+# and negatives (another piece).
+
+# %%
+# lesson code: audiokd_lib.search.model.pair_masks
+def pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) masks of a batch: same label and not itself; other label."""
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    return same & ~eye, ~same
+
+
+# %% [markdown]
+# The **triplet loss** looks at every (anchor, positive, negative) of the batch and asks the positive to
+# be nearer than the negative by `margin`. Most triplets soon satisfy it and add zero; averaging only
+# over those that still violate it keeps the hard ones from being drowned.
+
+# %%
+# lesson code: audiokd_lib.search.model.triplet_loss
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """Batch-all triplet loss: max(0, d(a, p) - d(a, n) + margin) over every (anchor, positive, negative)
+    of the batch, averaged over the triplets that still violate the margin (Hermans et al. 2017's
+    "batch all"; averaging over all of them would let the many easy ones drown the few that teach).
+    d is the Euclidean distance between unit vectors, sqrt(2 - 2 cos)."""
+    cos = embeddings @ embeddings.T
+    distance = (2 - 2 * cos).clamp_min(1e-12).sqrt()
+    positive, negative = pair_masks(labels)
+    losses = F.relu(distance[:, :, None] - distance[:, None, :] + margin)
+    losses = losses[positive[:, :, None] & negative[:, None, :]]
+    active = losses > 0
+    return losses[active].mean() if active.any() else losses.sum() * 0.0
+
+
+# %% [markdown]
+# The **supervised contrastive loss** is a softmax over the batch for every anchor: each positive must
+# take a large share of the probability against *all* the other crops at once, not one negative at a
+# time. The temperature divides the cosine similarities: low, and the nearest negatives dominate.
+
+# %%
+# lesson code: audiokd_lib.search.model.supcon_loss
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, L_out): for each anchor with positives,
+    -mean over positives p of log(exp(s_ap / T) / sum over every other a' of exp(s_aa' / T))."""
+    positive, _ = pair_masks(labels)
+    logits = (embeddings @ embeddings.T / temperature).masked_fill(
+        torch.eye(len(labels), dtype=torch.bool, device=labels.device), float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    has = positive.any(dim=1)
+    per_anchor = -log_prob.masked_fill(~positive, 0.0).sum(dim=1)[has] / positive.sum(dim=1)[has]
+    return per_anchor.mean()
+
 
 # %%
 def trial_score(trial: optuna.Trial) -> float:
     model = embedding.build(sp, rate, seed=params.seed)
-    fit = embedding.train_embedding(model, train, val, sp, params.seed, "supcon", progress=False, device=device,
+    fit = embedding.train_embedding(model, train, val, sp, params.seed, loss="supcon", progress=False, device=device,
                                     lr=trial.suggest_float("lr", 1e-3, 1e-2, log=True),
-                                    temperature=trial.suggest_float("temperature", 0.02, 0.2, log=True),
+                                    supcon_temperature=trial.suggest_float("supcon_temperature", 0.02, 0.2, log=True),
                                     epochs=sp.optuna_epochs)
     return fit.best["mAP"]
 
 
-chosen = {"lr": sp.train.lr, "temperature": sp.temperature}
-if sp.optuna_trials:
+def run_study() -> pd.DataFrame:
+    """Every trial: its lr, its supcon_temperature and its validation mAP; the profile's own values first."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.seed))
-    study.enqueue_trial(chosen)  # the profile's own values are the first trial
+    study.enqueue_trial({"lr": sp.train.lr, "supcon_temperature": sp.supcon_temperature})
     study.optimize(trial_score, n_trials=sp.optuna_trials, show_progress_bar=True)
-    display(study.trials_dataframe()[["number", "params_lr", "params_temperature", "value"]]
-            .rename(columns={"value": "val mAP"}).round(4))
-    chosen = study.best_params
+    return (study.trials_dataframe()[["number", "params_lr", "params_supcon_temperature", "value"]]
+            .rename(columns={"params_lr": "lr", "params_supcon_temperature": "supcon_temperature", "value": "val mAP"}))
+
+
+chosen = {"lr": sp.train.lr, "supcon_temperature": sp.supcon_temperature}
+if sp.optuna_trials:
+    trials = reuse.cached(store / "optuna.pkl", {"search": sp.model_dump(), "seed": params.seed, "data": data_key,
+                                                "device": device}, run_study)
+    display(trials.round(4))
+    chosen = trials.loc[trials["val mAP"].idxmax(), ["lr", "supcon_temperature"]].to_dict()
 print("chosen:", {k: round(v, 4) for k, v in chosen.items()})
 
 # %% [markdown]
@@ -153,17 +244,31 @@ print("chosen:", {k: round(v, 4) for k, v in chosen.items()})
 # the small model must only *relate* the crops as the large one does, which a narrower network can.
 
 # %%
+# lesson code: audiokd_lib.search.model.relational_loss
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation (Park et al. 2019): the mean squared difference of the two models' in-batch
+    cosine-similarity matrices. The student copies how the crops relate, not where they lie, which a
+    narrower network (or one with another embedding space) can do."""
+    return ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+
+
+# %% [markdown]
+# Each model is one MLflow run (roles `search-teacher` and `search-student`). A run that already finished
+# with the same settings (model, loss, learning rate and temperature, seed, the data, the large model's
+# weights for the distilled one) is reused, not trained again; one that was interrupted resumes.
+
+# %%
 recipes = {"student-triplet": (sp.width, "triplet", None), "student-supcon": (sp.width, "supcon", None),
            "teacher": (sp.teacher_width, "supcon", None), "student-kd": (sp.width, "supcon", "teacher")}
 models, fits = {}, {}
 for name, (width, loss, teacher) in recipes.items():
-    model = embedding.build(sp, rate, width=width, seed=params.seed)
-    started = time.perf_counter()
-    fits[name] = embedding.train_embedding(model, train, val, sp, params.seed, loss, models.get(teacher),
-                                           lr=chosen["lr"], temperature=chosen["temperature"], device=device)
-    models[name] = model
-    print(f"{name}: {model.params():,} parameters, best epoch {fits[name].best_epoch}, "
-          f"{time.perf_counter() - started:.0f} s")
+    models[name] = embedding.build(sp, rate, width=width, seed=params.seed)
+    fits[name] = embedding.fit_embedding(params, f"search-{name}", models[name], train, val, loss, models.get(teacher),
+                                         lr=chosen["lr"], supcon_temperature=chosen["supcon_temperature"],
+                                         data=data_key, params_file=params_file, device=device)
+    print(f"{name}: {models[name].params():,} parameters, best epoch {fits[name].best_epoch} of "
+          f"{len(fits[name].history)}, {fits[name].history['seconds'].sum():.0f} s"
+          + (" (reused: trained before with these settings)" if fits[name].reused else ""))
 
 # %% [markdown]
 # Each model then searches:
@@ -174,13 +279,14 @@ for name, (width, loss, teacher) in recipes.items():
 #   recordings of *every* composition (its twin and all the others); its twin's segments are relevant.
 #
 # recall@k: the share of queries with a relevant segment among the first k results; mAP: the mean of
-# each query's average precision over its whole ranking.
+# each query's average precision over its whole ranking. A model's scores are kept with its weights' key.
 
 # %%
 rows, scores = [], {}
 for name, model in models.items():
-    scores[name] = {f"val_{k}": v for k, v in fits[name].best.items()} | evaluate(model, sets)
-    rows.append({"model": name, "params": model.params(), "MACs a segment": embedding.macs(model),
+    scores[name] = {f"val_{k}": v for k, v in fits[name].best.items()} | reuse.cached(
+        store / f"scores-{name}.pkl", {"model": reuse.digest(model.net), "sets": tests_key}, lambda: evaluate(model, sets))
+    rows.append({"model": name, "params": model.params(), "MACs a segment": int(fits[name].run["macs"]),
                  **{k.replace("_", " "): scores[name][k] for k in (
                      "val_recall@5", "val_mAP", "within_recall@1", "within_recall@5", "within_recall@10",
                      "within_mAP", "twin_recall@1", "twin_recall@10", "twin_mAP")}})
@@ -241,27 +347,31 @@ pd.DataFrame(gates).T.round(3)
 # %% [markdown]
 # ### MLflow
 #
-# Each model is a run (roles `search-teacher` and `search-student`) with its learning curve, every score
-# above (`twin_mAP`, `within_recall_at_5`, ...), its size and MACs, and its weights. The shipped model
-# is also saved as `models/search-student/`, which the command line uses.
+# Each model's run (roles `search-teacher` and `search-student`) holds its learning curve, size, MACs and
+# weights since training; every score above (`twin_mAP`, `within_recall_at_5`, ...) is added to it now
+# (a score it already holds is not written again). The shipped model is also copied to
+# `models/search-student/`, which the command line uses.
 
 # %%
-for name, model in models.items():
-    role = "search-teacher" if name == "teacher" else "search-student"
-    run_id = embedding.log_run(params, role, f"search-{name}", model, fits[name], scores[name], params_file)
-    print(f"search-{name}: MLflow run {run_id[:8]}")
-model_path = embedding.save(models[shipped], params.output_dir / "models" / "search-student" / "model.pt")
+for name, fit in fits.items():
+    added = reuse.add_scores(params, fit, scores[name])
+    print(f"search-{name}: MLflow run {fit.run_id[:8]}, {len(added)} scores added")
+model_path = embedding.ship(params.output_dir / "models" / f"search-{shipped}" / "model.pt",
+                            params.output_dir / "models" / "search-student" / "model.pt")
 
 # %% [markdown]
 # ## 5 · The small model as ONNX
 #
 # Exported at opset 17 with the batch and the number of frames left free, checked against PyTorch on
 # every held-out segment (mean squared error under 1e-5, cosine above 0.9999), and timed on one thread.
-# `model.onnx` beside `model.pt` is what the command line runs when ONNX Runtime is installed.
+# `model.onnx` beside `model.pt` is what the command line runs when ONNX Runtime is installed. Exported
+# again only when the shipped model changed.
 
 # %%
-onnx_path = export.export_onnx(models[shipped], model_path.with_suffix(".onnx"))
-parity = export.check_onnx(models[shipped], onnx_path, within.features)
+onnx_path = model_path.with_suffix(".onnx")
+parity = reuse.cached(store / "onnx-check.pkl", {"model": file_digest(model_path), "segments": tests_key},
+                      lambda: export.check_onnx(models[shipped], export.export_onnx(models[shipped], onnx_path),
+                                                within.features), needs=[onnx_path])
 print(f"{onnx_path.name}: MSE {parity['mse']:.1e} (target under 1e-5), lowest cosine {parity['min_cosine']:.7f} "
       f"(target above 0.9999) over {parity['segments']} segments; one segment takes "
       f"{parity['pytorch_ms']:.2f} ms in PyTorch, {parity['onnxruntime_ms']:.2f} ms in ONNX Runtime")
@@ -280,17 +390,20 @@ print(f"{onnx_path.name}: MSE {parity['mse']:.1e} (target under 1e-5), lowest co
 #   different pieces among the first ten (`distinct@10`).
 
 # %%
-vectors = export.runtime(model_path)(catalogue.features)
-index = SearchIndex.build(vectors, catalogue.items[["sample_key", "soundfont", "group", "start", "path"]],
-                          embedding.identity(model_path, models[shipped].spec))
+identity = embedding.identity(model_path, models[shipped].spec)
+vectors = reuse.cached(store / "catalogue-vectors.pkl", {"model": identity["sha256"], "segments": tests_key},
+                       lambda: export.runtime(model_path)(catalogue.features))
+index = SearchIndex.build(vectors, catalogue.items[["sample_key", "soundfont", "group", "start", "path"]], identity)
 index_dir = index.save(params.output_dir / "search" / "index")
 scores_found, ids = index.search(vectors[0], sp.top)
 assert ids[0] == 0, "the index must find an item itself first"
 
 tricks = {"plain": None, f"PRF (k={sp.prf_k})": prf(sp.prf_k),
           f"MMR (lambda={sp.mmr_lambda:g})": mmr(sp.mmr_lambda, sp.top)}
-trick_rows = [{"query": trick, **{k.replace("_", " "): v for k, v in evaluate(models[shipped], sets, rerank).items()}}
-              for trick, rerank in tricks.items()]
+trick_rows = reuse.cached(
+    store / "tricks.pkl", {"model": identity["sha256"], "segments": tests_key, "tricks": list(tricks), "top": sp.top},
+    lambda: [{"query": trick, **{k.replace("_", " "): v for k, v in evaluate(models[shipped], sets, rerank).items()}}
+             for trick, rerank in tricks.items()])
 display(pd.DataFrame(trick_rows).set_index("query").round(3))
 
 # %% [markdown]
@@ -302,7 +415,9 @@ display(pd.DataFrame(trick_rows).set_index("query").round(3))
 # one query on one thread, and the share of the exact top 10 each approximate index returns.
 
 # %%
-bench = benchmark(sp.index, sp.embedding_dim, seed=params.seed)
+bench = reuse.cached(store / "index-bench.pkl", {"index": sp.index.model_dump(), "dim": sp.embedding_dim,
+                                                "seed": params.seed}, lambda: benchmark(sp.index, sp.embedding_dim,
+                                                                                        seed=params.seed))
 display(bench.round(4))
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for kind, part in bench.groupby("index", sort=False):

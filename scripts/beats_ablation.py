@@ -5,7 +5,9 @@
 Reads the profile's rendered beat pieces (notebook 09 renders them; this renders what is missing),
 trains the profile's teacher once, then one causal student per (alpha, seed): alpha 0 is labels
 alone. Prints the DBN's beat and downbeat F-measures on `test` and `heldout` for each, and their mean
-over seeds. Nothing is logged to MLflow: this is a measurement, not a model of the course.
+over seeds. Nothing is logged to MLflow: this is a measurement, not a model of the course. Each model
+and its scores are kept under outputs/<profile>/ablations/beats/ by their settings (the profile's beats
+settings, alpha, seed, the pieces, the teacher's weights): run again, only what changed is trained.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import warnings
 import pandas as pd
 import torch
 
-from audiokd_lib.beats import decode
+from audiokd_lib.beats import decode, reuse
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import render_beat_pieces
 from audiokd_lib.core.params import profile_params
@@ -50,19 +52,38 @@ def main() -> None:
                 found.update({f"{split} F": result["F"], f"{split} downbeat F": result["downbeat F"]})
         return found
 
-    beatnet.set_normalisation(teacher, sets["train"])
-    beatnet.train_beats(teacher, sets["train"], sets["val"], bp, params.seed, progress=False)
-    rows = [{"model": "teacher", "alpha": None, "seed": params.seed, **scores(teacher)}]
+    folder = params.output_dir / "ablations" / "beats"
+    data = reuse.pieces_digest([p for split in sets.values() for p in split], "key", "features", "targets", "beats")
+
+    def trained_teacher() -> dict:
+        beatnet.set_normalisation(teacher, sets["train"])
+        beatnet.train_beats(teacher, sets["train"], sets["val"], bp, params.seed, progress=False)
+        return {"weights": teacher.net.state_dict(), "scores": scores(teacher)}
+
+    kept = reuse.cached(folder / "teacher.pkl", {"beats": bp.model_dump(), "seed": params.seed, "data": data},
+                        trained_teacher)
+    teacher.net.load_state_dict(kept["weights"])
+    rows = [{"model": "teacher", "alpha": None, "seed": params.seed, **kept["scores"]}]
     print(json.dumps(rows[0]), flush=True)
-    soft = dict(zip([p.key for p in sets["train"]], beatnet.predict(teacher, sets["train"])))
+    soft = {}
+
+    def student_scores(recipe, alpha: float, seed: int) -> dict[str, float]:
+        if alpha > 0 and not soft:
+            soft.update(zip([p.key for p in sets["train"]], beatnet.predict(teacher, sets["train"])))
+        student = beatnet.build(recipe, "student", seed=seed)
+        beatnet.set_normalisation(student, sets["train"])
+        beatnet.train_beats(student, sets["train"], sets["val"], recipe, seed,
+                            teacher_acts=soft if alpha > 0 else None, progress=False)
+        return scores(student)
+
     for alpha in args.alphas:
         recipe = bp.model_copy(update={"kd_alpha": alpha})
         for seed in args.seeds:
-            student = beatnet.build(recipe, "student", seed=seed)
-            beatnet.set_normalisation(student, sets["train"])
-            beatnet.train_beats(student, sets["train"], sets["val"], recipe, seed,
-                                teacher_acts=soft if alpha > 0 else None, progress=False)
-            rows.append({"model": "student", "alpha": alpha, "seed": seed, **scores(student)})
+            found = reuse.cached(folder / f"student-alpha{alpha:g}-seed{seed}.pkl",
+                                 {"beats": recipe.model_dump(), "seed": seed, "data": data,
+                                  "teacher": reuse.digest(teacher.net) if alpha > 0 else None},
+                                 lambda: student_scores(recipe, alpha, seed))
+            rows.append({"model": "student", "alpha": alpha, "seed": seed, **found})
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.precision", 3):

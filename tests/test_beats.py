@@ -9,7 +9,7 @@ import soundfile as sf
 import torch
 from conftest import ROOT
 
-from audiokd_lib.beats import decode, stream
+from audiokd_lib.beats import decode, reuse, stream
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import METRES, beat_times, compose, read_beats, render_beat_pieces
 from audiokd_lib.cli import main
@@ -150,29 +150,127 @@ def test_evaluate_gives_mir_eval_scores():
     assert decode.evaluate([truth], [truth], [truth[::4]], [truth[::4]])["downbeat F"] == 1.0
 
 
-def test_training_learns_and_distillation_takes_the_teacher_s_activations(smoke):
-    bp = smoke.beats.model_copy(update={"train": smoke.beats.train.model_copy(update={"epochs": 3})})
-    fps = 50.0
-    pieces = []
-    for k in range(4):  # clicks on a grid: a beat every 0.5 s, a downbeat every 2 s
+def click_pieces(bp, count: int = 4) -> list[beatnet.Piece]:
+    """Clicks on a grid: a beat every 0.5 s, a downbeat (louder) every 2 s, each piece a little later."""
+    pieces, frontend = [], beatnet.build(bp, "student").frontend
+    for k in range(count):
         beats = np.arange(0.25 + 0.05 * k, 7.5, 0.5)
         wave = torch.zeros(22050 * 8)
+        gen = torch.Generator().manual_seed(k)
         for i, b in enumerate(beats):
             s = int(b * 22050)
-            wave[s:s + 400] = torch.randn(400) * (0.9 if i % 4 == 0 else 0.3)
-        model = beatnet.build(bp, "student")
-        features = model.frontend(wave[None])[0]
-        pieces.append(beatnet.Piece(f"p{k}", features, beatnet.targets_for(beats, beats[::4], len(features), fps),
+            wave[s:s + 400] = torch.randn(400, generator=gen) * (0.9 if i % 4 == 0 else 0.3)
+        features = frontend(wave[None])[0]
+        pieces.append(beatnet.Piece(f"p{k}", features, beatnet.targets_for(beats, beats[::4], len(features), FPS),
                                     beats, beats[::4]))
-    student = beatnet.build(bp, "student")
-    beatnet.set_normalisation(student, pieces)
+    return pieces
+
+
+def three_epochs(smoke, **update):
+    return smoke.beats.model_copy(update={"train": smoke.beats.train.model_copy(update={"epochs": 3}), **update})
+
+
+def student_for(bp, pieces) -> beatnet.BeatModel:
+    model = beatnet.build(bp, "student", seed=0)
+    beatnet.set_normalisation(model, pieces)
+    return model
+
+
+def mean_probability(model, pieces) -> float:
+    return float(np.mean([a.mean() for a in beatnet.predict(model, pieces)]))
+
+
+def test_the_distillation_loss_mixes_labels_and_teacher():
+    logits, labels = torch.randn(2, 5, 2), (torch.rand(2, 5, 2) > 0.7).float()
+    teacher = torch.rand(2, 5, 2)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    assert torch.isclose(beatnet.distill_loss(logits, labels, None, 0.3), bce(logits, labels))
+    assert torch.isclose(beatnet.distill_loss(logits, labels, teacher, 0.0), bce(logits, labels))
+    assert torch.isclose(beatnet.distill_loss(logits, labels, teacher, 1.0), bce(logits, teacher))
+    assert torch.isclose(beatnet.distill_loss(logits, labels, teacher, 0.25),
+                         0.75 * bce(logits, labels) + 0.25 * bce(logits, teacher))
+
+
+def test_training_learns_and_a_distilled_student_moves_toward_its_teacher(smoke):
+    bp = three_epochs(smoke, kd_alpha=1.0)
+    pieces = click_pieces(bp)
+    student = student_for(bp, pieces)
+    untrained = mean_probability(student, pieces)
     fit = beatnet.train_beats(student, pieces[:3], pieces[3:], bp, 0, progress=False)
-    assert len(fit.history) == 3 and set(fit.history) >= {"train_loss", "val_beat_f", "val_downbeat_f"}
-    teacher_acts = {p.key: np.full((len(p.features), 2), 0.5, np.float32) for p in pieces}
-    distilled = beatnet.build(bp, "student")
-    beatnet.set_normalisation(distilled, pieces)
-    assert beatnet.train_beats(distilled, pieces[:3], pieces[3:], bp, 0, teacher_acts, progress=False).best_epoch >= 1
+    assert list(fit.history.columns) == ["epoch", "train_loss", "val_beat_f", "val_downbeat_f", "seconds"]
+    assert len(fit.history) == 3 and fit.history["train_loss"].iloc[-1] < fit.history["train_loss"].iloc[0]
+    best = fit.history.loc[fit.best_epoch - 1]
+    assert fit.best == {"val_beat_f": best["val_beat_f"], "val_downbeat_f": best["val_downbeat_f"]}
+    assert (best["val_beat_f"] + best["val_downbeat_f"]) == (fit.history["val_beat_f"]
+                                                             + fit.history["val_downbeat_f"]).max()
+    # A teacher sure of a beat in every frame (0.9), followed alone (kd_alpha 1): the distilled student's
+    # probabilities rise toward it, while the labels (beats in one frame of 25) pull the other student down.
+    teacher_acts = {p.key: np.full((len(p.features), 2), 0.9, np.float32) for p in pieces}
+    distilled = student_for(bp, pieces)
+    beatnet.train_beats(distilled, pieces[:3], pieces[3:], bp, 0, teacher_acts=teacher_acts, progress=False)
+    labels_only = mean_probability(student, pieces)
+    assert labels_only < untrained < mean_probability(distilled, pieces)
     assert beatnet.macs_per_second(student) < beatnet.macs_per_second(beatnet.build(bp, "teacher"))
+
+
+def test_an_interrupted_training_resumes_from_last_pt_and_ends_the_same(smoke, tmp_path):
+    bp = three_epochs(smoke)
+    pieces = click_pieces(bp)
+    whole = student_for(bp, pieces)
+    uninterrupted = beatnet.train_beats(whole, pieces[:3], pieces[3:], bp, 0, tmp_path / "whole", progress=False)
+
+    def stop(row):
+        raise KeyboardInterrupt(f"stopped after epoch {row['epoch']}")
+
+    with pytest.raises(KeyboardInterrupt):
+        beatnet.train_beats(student_for(bp, pieces), pieces[:3], pieces[3:], bp, 0, tmp_path / "cut", on_epoch=stop,
+                            progress=False)
+    assert (tmp_path / "cut" / "last.pt").is_file()
+    epochs = []
+    resumed_model = student_for(bp, pieces)  # a fresh process: weights from last.pt
+    resumed = beatnet.train_beats(resumed_model, pieces[:3], pieces[3:], bp, 0, tmp_path / "cut",
+                                  on_epoch=lambda row: epochs.append(row["epoch"]), progress=False)
+    assert epochs == [2, 3]  # the first epoch was not trained again
+    columns = ["epoch", "train_loss", "val_beat_f", "val_downbeat_f"]
+    pd.testing.assert_frame_equal(resumed.history[columns], uninterrupted.history[columns])
+    assert resumed.best_epoch == uninterrupted.best_epoch
+    for name, tensor in whole.net.state_dict().items():
+        assert torch.equal(tensor, resumed_model.net.state_dict()[name]), name
+    with pytest.raises(ValueError, match="other settings"):  # a last.pt of other settings is refused
+        beatnet.train_beats(student_for(bp, pieces), pieces[:3], pieces[3:], three_epochs(smoke, kd_alpha=0.3), 0,
+                            tmp_path / "cut", teacher_acts={p.key: np.zeros((len(p.features), 2), np.float32)
+                                                            for p in pieces}, progress=False)
+
+
+def test_a_second_fit_with_the_same_settings_reuses_the_run(smoke_profile, monkeypatch):
+    params = load_params(smoke_profile)
+    params = params.model_copy(update={"beats": three_epochs(params)})
+    pieces = click_pieces(params.beats)
+    sets = {"train": pieces[:3], "val": pieces[3:]}
+    first_model = beatnet.build(params.beats, "student", seed=0)
+    first = beatnet.fit_beats(params, "beats-student-labels", first_model, sets)
+    assert not first.reused and len(first.history) == 3 and first.run["role"] == "beats-student"
+    assert first.run["best_epoch"] == first.best_epoch and first.run["model"] == "beats-student-labels"
+    run_dir = params.output_dir / "models" / "beats-student-labels"
+    assert (run_dir / "model.pt").is_file() and not (run_dir / "last.pt").exists()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(beatnet, "train_beats", refuse)
+    again_model = beatnet.build(params.beats, "student", seed=0)
+    again = beatnet.fit_beats(params, "beats-student-labels", again_model, sets)
+    assert again.reused and again.run_id == first.run_id and again.best_epoch == first.best_epoch
+    pd.testing.assert_frame_equal(again.history, first.history)
+    for name, tensor in first_model.net.state_dict().items():
+        assert torch.equal(tensor, again_model.net.state_dict()[name]), name
+    # Another teacher is another run: trained, not reused.
+    with pytest.raises(AssertionError, match="trained again"):
+        beatnet.fit_beats(params, "beats-student-labels", beatnet.build(params.beats, "student", seed=0), sets,
+                          teacher=first_model)
+    # Scores measured later go to the run once.
+    assert reuse.add_scores(params, again, {"test_dbn_F": 0.5}) == {"test_dbn_F": 0.5}
+    assert reuse.add_scores(params, again, {"test_dbn_F": 0.5}) == {}
 
 
 def test_cli_writes_beats_and_clicks_and_handles_bad_input(smoke, tmp_path, capsys):

@@ -47,7 +47,7 @@ LESSONS = lesson_definitions()
 
 def test_every_teaching_notebook_shows_its_code():
     shown = {notebook for notebook, *_ in LESSONS}
-    assert {"04_student.py", "05_kd.py", "06_pruning.py", "08_separation.py"} <= shown
+    assert {"04_student.py", "05_kd.py", "06_pruning.py", "08_separation.py", "09_beats.py", "10_search.py"} <= shown
 
 
 @pytest.mark.parametrize("notebook, module, name, node", LESSONS, ids=[f"{n}:{name}" for n, _, name, _ in LESSONS])

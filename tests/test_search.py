@@ -77,12 +77,27 @@ def test_supervised_contrastive_loss_by_hand():
     assert embedding.distill_loss(e, -e).item() == pytest.approx(2.0, abs=1e-6)
 
 
+def test_relational_distillation_by_hand():
+    # Student: two orthogonal crops (similarities [[1, 0], [0, 1]]); teacher: the same direction twice
+    # ([[1, 1], [1, 1]]): the off-diagonal pair differs by 1, twice in four entries.
+    student, teacher = torch.from_numpy(unit(0, 90)), torch.from_numpy(unit(0, 0))
+    assert embedding.relational_loss(student, teacher).item() == pytest.approx(0.5, abs=1e-6)
+    assert embedding.distill_loss(student, teacher, "relational").item() == pytest.approx(0.5, abs=1e-6)
+    rotated = torch.from_numpy(unit(30, 120))  # the same relations anywhere else: nothing to learn
+    assert embedding.relational_loss(rotated, student).item() == pytest.approx(0.0, abs=1e-6)
+    assert embedding.distill_loss(rotated, student, "cosine").item() > 0.1  # while the cosine term still pulls
+
+
 def test_recall_and_map_by_hand():
     catalogue, groups = unit(0, 20, 40, 60), np.array([1, 2, 1, 2])
     query = unit(0)
     # Ranking 0, 20, 40, 60 degrees: relevant (group 1) at ranks 1 and 3: AP = (1/1 + 2/3) / 2.
     got = retrieval_scores(query, np.array([1]), catalogue, groups, ks=(1, 2))
     assert got["recall@1"] == 1.0 and got["mAP"] == pytest.approx((1 + 2 / 3) / 2) and got["distinct@2"] == 2
+    # A perfect ranking (both relevant items first) scores 1; the worst (both last), (1/3 + 2/4) / 2.
+    assert retrieval_scores(query, np.array([1]), catalogue, np.array([1, 1, 2, 2]), ks=(1,))["mAP"] == 1.0
+    worst = retrieval_scores(query, np.array([1]), catalogue, np.array([2, 2, 1, 1]), ks=(1, 2))
+    assert worst["mAP"] == pytest.approx((1 / 3 + 2 / 4) / 2) and worst["recall@2"] == 0.0
     # The catalogue searching itself: an item never finds itself; item 1's nearest is item 0 (group 1, not 2).
     got = retrieval_scores(catalogue, groups, catalogue, groups, ks=(1,), exclude_self=True)
     assert got["recall@1"] == 0.0
@@ -178,9 +193,85 @@ def test_metric_learning_separates_the_pieces(loss):
     fit = embedding.train_embedding(model, train, val, sp, 0, loss=loss, progress=False)
     assert fit.best["mAP"] > max(before, 0.6) and fit.best["recall@5"] == 1.0
     assert list(fit.history.columns) == ["epoch", "train_loss", "val_recall@5", "val_mAP", "seconds"]
-    teacher = embedding.build(SP, RATE, width=SP.teacher_width, seed=1)
-    student = embedding.build(SP, RATE, seed=2)
-    embedding.train_embedding(student, train, val, sp, 0, teacher=teacher, progress=False)  # distillation runs
+
+
+
+@pytest.mark.parametrize("kind", ["relational", "cosine"])
+def test_a_distilled_student_moves_toward_the_large_model(kind):
+    """kd_alpha 1: the student learns the trained large model's embedding alone; its distance to it falls,
+    and ends below that of the same student trained by the metric loss alone."""
+    frames = 3 * features.segment_frames(SP, RATE)
+    train, val_recs = _recordings(12, 2, frames), _recordings(6, 2, frames, seed=1)
+    table = pd.DataFrame({"group": [r.group for r in val_recs]})
+    val = features.make_segments(table, [r.features for r in val_recs], SP, RATE)
+    sp = SP.model_copy(update={"kd_alpha": 1.0, "kd_loss": kind, "train": SP.train.model_copy(
+        update={"epochs": 8, "pieces_per_batch": 6, "lr": 0.01})})
+    teacher = embedding.build(sp, RATE, width=SP.teacher_width, seed=1)
+    embedding.train_embedding(teacher, train, (val, val), sp, 1, supcon_temperature=0.5, progress=False)
+
+    def distance(student) -> float:
+        return embedding.distill_loss(torch.from_numpy(student(val.features)), torch.from_numpy(teacher(val.features)),
+                                      kind).item()
+
+    distilled, alone = embedding.build(sp, RATE, seed=2), embedding.build(sp, RATE, seed=2)
+    before = distance(distilled)
+    embedding.train_embedding(distilled, train, (val, val), sp, 0, teacher=teacher, progress=False)
+    embedding.train_embedding(alone, train, (val, val), sp, 0, progress=False)
+    assert distance(distilled) < 0.75 * before and distance(distilled) < distance(alone)
+
+
+def _search_data():
+    frames = 3 * features.segment_frames(SP, RATE)
+    train, val_recs = _recordings(8, 2, frames), _recordings(4, 2, frames, seed=1)
+    table = pd.DataFrame({"group": [r.group for r in val_recs]})
+    val = features.make_segments(table, [r.features for r in val_recs], SP, RATE)
+    return train, (val, val), SP.model_copy(update={"train": SP.train.model_copy(update={"epochs": 3,
+                                                                                          "pieces_per_batch": 4})})
+
+
+def test_an_interrupted_embedding_training_resumes_and_ends_the_same(tmp_path):
+    train, val, sp = _search_data()
+    whole = embedding.build(sp, RATE, seed=0)
+    uninterrupted = embedding.train_embedding(whole, train, val, sp, 0, tmp_path / "whole", progress=False)
+
+    def stop(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embedding.train_embedding(embedding.build(sp, RATE, seed=0), train, val, sp, 0, tmp_path / "cut",
+                                  on_epoch=stop, progress=False)
+    epochs, resumed_model = [], embedding.build(sp, RATE, seed=0)
+    resumed = embedding.train_embedding(resumed_model, train, val, sp, 0, tmp_path / "cut", progress=False,
+                                        on_epoch=lambda row: epochs.append(row["epoch"]))
+    assert epochs == [2, 3]
+    columns = ["epoch", "train_loss", "val_recall@5", "val_mAP"]
+    pd.testing.assert_frame_equal(resumed.history[columns], uninterrupted.history[columns])
+    assert resumed.best == uninterrupted.best and resumed.best_epoch == uninterrupted.best_epoch
+    for name, tensor in whole.net.state_dict().items():
+        assert torch.equal(tensor, resumed_model.net.state_dict()[name]), name
+
+
+def test_a_second_embedding_fit_with_the_same_settings_reuses_the_run(smoke_profile, monkeypatch):
+    params = load_params(smoke_profile)
+    train, val, sp = _search_data()
+    params = params.model_copy(update={"search": sp})
+    first_model = embedding.build(sp, RATE, seed=0)
+    first = embedding.fit_embedding(params, "search-student-supcon", first_model, train, val)
+    assert not first.reused and first.run["role"] == "search-student" and first.run["macs"] > 0
+    assert first.run["val_recall_at_5"] == first.best["recall@5"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(embedding, "train_embedding", refuse)
+    again_model = embedding.build(sp, RATE, seed=0)
+    again = embedding.fit_embedding(params, "search-student-supcon", again_model, train, val)
+    assert again.reused and again.run_id == first.run_id and again.best == first.best
+    for name, tensor in first_model.net.state_dict().items():
+        assert torch.equal(tensor, again_model.net.state_dict()[name]), name
+    with pytest.raises(AssertionError, match="trained again"):  # another temperature: another run
+        embedding.fit_embedding(params, "search-student-supcon", embedding.build(sp, RATE, seed=0), train, val,
+                                supcon_temperature=0.1)
 
 
 def test_onnx_matches_pytorch_and_embeds_a_file(tmp_path):
@@ -282,8 +373,13 @@ def test_without_a_second_soundfont_validation_searches_itself_and_twins_are_not
     model = embedding.build(SP, RATE, seed=0)
     fit = embedding.train_embedding(model, sets.train, sets.val, SP.model_copy(
         update={"train": SP.train.model_copy(update={"epochs": 1})}), 0, progress=False)
-    assert 0 <= fit.best["mAP"] <= 1
+    groups = sets.val[0].items["group"].to_numpy()
+    vectors = model(sets.val[0].features)
+    expected = retrieval_scores(vectors, groups, vectors, groups, (5,), exclude_self=True)
+    assert fit.best == pytest.approx({k: expected[k] for k in ("recall@5", "mAP")}, abs=1e-6)  # never itself
     scores = evaluate(model, sets)
-    assert 0 <= scores["within_mAP"] <= 1 and math.isnan(scores["twin_mAP"])
+    within, groups = model(sets.within.features), sets.within.items["group"].to_numpy()
+    assert scores["within_mAP"] == retrieval_scores(within, groups, within, groups, exclude_self=True)["mAP"]
+    assert math.isnan(scores["twin_mAP"]) and math.isnan(scores["twin_recall@1"])
     with pytest.raises(ValueError, match="no `val` pieces"):
         search_sets(table[table["split"] != "val"], [r.features for r in recs[:3] + recs[5:]], SP, RATE)

@@ -10,15 +10,16 @@
   run on a stream, one frame at a time, with its hidden state carried over.
 - **Training** (:func:`train_beats`): random excerpts of the pieces, binary cross-entropy against
   the beat and downbeat frames (widened: the frames beside a beat count half), the best epoch kept by the
-  validation beat and downbeat F-measures. Distillation adds the teacher's activations as a second target (the
-  teacher read the whole piece, so its activations carry what the future told it).
+  validation beat and downbeat F-measures. Distillation (:func:`distill_loss`) adds the teacher's activations
+  as a second target (the teacher read the whole piece, so its activations carry what the future told it).
+  The epochs, patience and resumable state are :class:`~audiokd_lib.core.loop.EpochLoop`'s;
+  :func:`fit_beats` reuses a finished run with the same settings (:mod:`~audiokd_lib.beats.reuse`).
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ from tqdm.auto import tqdm
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.beats.decode import evaluate, pick_peaks
 from audiokd_lib.beats.pieces import read_beats
-from audiokd_lib.core.params import BeatsParams
+from audiokd_lib.beats.reuse import Fit, digest, pieces_digest, run_folder, train_or_reuse
+from audiokd_lib.core.loop import EpochLoop
+from audiokd_lib.core.params import BeatsParams, Params
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 
 
@@ -197,21 +200,59 @@ def predict(model: BeatModel, pieces: list[Piece]) -> list[np.ndarray]:
         return [torch.sigmoid(model.net(p.features[None])[0]).numpy() for p in pieces]
 
 
-@dataclass
-class BeatFit:
-    history: pd.DataFrame   # epoch, train_loss, val_beat_f, val_downbeat_f, seconds
-    best_epoch: int
-    best_f: float           # the mean of the two, by peak picking at 0.5: what early stopping watches
+def distill_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
+                 alpha: float) -> torch.Tensor:
+    """Binary cross-entropy against the labels and, for a distilled student, against the teacher's
+    probabilities of the same frames: (1 - alpha) x BCE(labels) + alpha x BCE(teacher). Hinton's
+    distillation with one sigmoid per output (beat, downbeat) and frame, at temperature 1."""
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    if teacher is None:
+        return loss
+    return (1 - alpha) * loss + alpha * F.binary_cross_entropy_with_logits(logits, teacher)
+
+
+def _excerpts(train: list[Piece], soft: dict[str, torch.Tensor] | None, size: int, crop: int,
+              rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A batch of random excerpts: (features, labels, the teacher's probabilities or None), cut to the shortest."""
+    xs, ys, ts = [], [], []
+    for i in rng.integers(len(train), size=size):
+        piece = train[i]
+        start = int(rng.integers(0, max(1, len(piece.features) - crop)))
+        xs.append(piece.features[start:start + crop])
+        ys.append(piece.targets[start:start + crop])
+        if soft is not None:
+            ts.append(soft[piece.key][start:start + crop])
+    length = min(len(x) for x in xs)
+    stack = lambda parts: torch.stack([t[:length] for t in parts])  # noqa: E731
+    return stack(xs), stack(ys), stack(ts) if soft is not None else None
+
+
+def validation_f(model: BeatModel, val: list[Piece]) -> tuple[float, float]:
+    """Beat and downbeat F-measures of `val` by peak picking at 0.5: what the best epoch is chosen by."""
+    fps, acts = model.frontend.fps, predict(model, val)
+    beat_f = evaluate([pick_peaks(a[:, 0], 0.5, fps) for a in acts], [p.beats for p in val])["F"]
+    down_f = evaluate([pick_peaks(a[:, 1], 0.5, fps) for a in acts], [p.downbeats for p in val])["F"]
+    return beat_f, down_f
 
 
 def train_beats(model: BeatModel, train: list[Piece], val: list[Piece], bp: BeatsParams, seed: int,
-                teacher_acts: dict[str, np.ndarray] | None = None, progress: bool = True) -> BeatFit:
-    """Train `model.net` in place on random excerpts; keep the epoch with the best validation beat F-measure.
+                run_dir: str | Path | None = None, teacher_acts: dict[str, np.ndarray] | None = None,
+                progress: bool = True, on_epoch: Callable[[dict], None] | None = None) -> Fit:
+    """Train `model.net` in place on random excerpts; keep the epoch with the best mean of the validation beat
+    and downbeat F-measures.
 
     With `teacher_acts` (the teacher's probabilities of each training piece, by key) the loss is
-    (1 - kd_alpha) x BCE(labels) + kd_alpha x BCE(teacher): Hinton's distillation with per-frame
-    sigmoid outputs, at temperature 1.
+    :func:`distill_loss`. The epochs, patience and `run_dir/last.pt` (an interrupted run resumes where it
+    stopped; without `run_dir`, a temporary folder) are :class:`~audiokd_lib.core.loop.EpochLoop`'s;
+    `on_epoch` receives each epoch's row.
     """
+    with run_folder(run_dir) as folder:
+        return _train_beats(model, train, val, bp, seed, folder, teacher_acts, progress, on_epoch)
+
+
+def _train_beats(model: BeatModel, train: list[Piece], val: list[Piece], bp: BeatsParams, seed: int, run_dir: Path,
+                 teacher_acts: dict[str, np.ndarray] | None, progress: bool,
+                 on_epoch: Callable[[dict], None] | None) -> Fit:
     tp, fps = bp.train, model.frontend.fps
     epochs = tp.epochs if model.causal else tp.teacher_epochs
     torch.manual_seed(seed)
@@ -221,49 +262,60 @@ def train_beats(model: BeatModel, train: list[Piece], val: list[Piece], bp: Beat
     optimizer = torch.optim.AdamW(model.net.parameters(), lr=tp.lr, weight_decay=0.01)
     steps = max(1, math.ceil(4 * len(train) / tp.batch_size))  # about four excerpts of every piece an epoch
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, tp.lr, total_steps=epochs * steps)
-    history, best, bad = [], {"f": -1.0, "epoch": 0, "state": None}, 0
-    for epoch in range(epochs):
-        started, total = time.perf_counter(), 0.0
+    settings = {"spec": model.spec, "train": tp.model_dump(), "seed": seed,
+                "kd_alpha": None if soft is None else bp.kd_alpha}
+    loop = EpochLoop(model.net, run_dir, epochs, tp.patience, on_epoch=on_epoch, settings=settings,
+                     stateful={"optimizer": optimizer, "scheduler": scheduler, "rng": rng})
+    for epoch in loop:
+        total = 0.0
         model.net.train()
         for _ in tqdm(range(steps), desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
-            chosen = rng.integers(len(train), size=tp.batch_size)
-            xs, ys, ts = [], [], []
-            for i in chosen:
-                piece = train[i]
-                start = int(rng.integers(0, max(1, len(piece.features) - crop)))
-                xs.append(piece.features[start:start + crop])
-                ys.append(piece.targets[start:start + crop])
-                if soft is not None:
-                    ts.append(soft[piece.key][start:start + crop])
-            length = min(len(x) for x in xs)
-            x = torch.stack([t[:length] for t in xs])
-            y = torch.stack([t[:length] for t in ys])
-            logits = model.net(x)
-            loss = F.binary_cross_entropy_with_logits(logits, y)
-            if soft is not None:
-                t = torch.stack([t[:length] for t in ts])
-                loss = (1 - bp.kd_alpha) * loss + bp.kd_alpha * F.binary_cross_entropy_with_logits(logits, t)
+            x, y, t = _excerpts(train, soft, tp.batch_size, crop, rng)
+            loss = distill_loss(model.net(x), y, t, bp.kd_alpha)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.net.parameters(), 5.0)
             optimizer.step()
             scheduler.step()
             total += loss.item()
-        acts = predict(model, val)
-        beat_f = evaluate([pick_peaks(a[:, 0], 0.5, fps) for a in acts], [p.beats for p in val])["F"]
-        down_f = evaluate([pick_peaks(a[:, 1], 0.5, fps) for a in acts], [p.downbeats for p in val])["F"]
-        f = (beat_f + down_f) / 2  # both outputs count
-        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_beat_f": beat_f,
-                        "val_downbeat_f": down_f, "seconds": time.perf_counter() - started})
-        if f > best["f"]:
-            best, bad = {"f": f, "epoch": epoch + 1, "state": copy.deepcopy(model.net.state_dict())}, 0
-        else:
-            bad += 1
-            if bad >= tp.patience:
-                break
-    model.net.load_state_dict(best["state"])
+        beat_f, down_f = validation_f(model, val)
+        loop.end_epoch({"train_loss": total / steps, "val_beat_f": beat_f, "val_downbeat_f": down_f},
+                       score=(beat_f + down_f) / 2)  # both outputs count
+    loop.restore_best()
     model.net.eval()
-    return BeatFit(pd.DataFrame(history), best["epoch"], best["f"])
+    best = loop.history[loop.best["epoch"] - 1]
+    return Fit(pd.DataFrame(loop.history), loop.best["epoch"],
+               {"val_beat_f": best["val_beat_f"], "val_downbeat_f": best["val_downbeat_f"]})
+
+
+def fit_beats(params: Params, name: str, model: BeatModel, sets: dict[str, list[Piece]],
+              teacher: BeatModel | None = None, params_file: str | Path | None = None, progress: bool = True) -> Fit:
+    """Train (or resume, or reuse) one model of notebook 09 on `sets` ("train", "val"), as MLflow run `name`
+    of role beats-teacher or beats-student, distilled from `teacher` when given.
+
+    The features are normalised by the training pieces' statistics first. A finished run with the same
+    settings (the model's spec and initial weights, the training settings, the seed, the pieces' features
+    and targets, the teacher's weights) is reused: its weights are loaded into `model`, nothing is trained.
+    """
+    bp, seed = params.beats, params.seed
+    train, val = sets["train"], sets["val"]
+    settings = {"task": "beats", "spec": model.spec, "start": digest(model.net), "train": bp.train.model_dump(),
+                "seed": seed, "data": pieces_digest(train + val, "key", "features", "targets"),
+                "teacher": None if teacher is None else digest(teacher.net),
+                "kd_alpha": None if teacher is None else bp.kd_alpha}
+
+    def run(run_dir: Path) -> Fit:
+        set_normalisation(model, train)
+        acts = None if teacher is None else dict(zip([p.key for p in train], predict(teacher, train)))
+        return train_beats(model, train, val, bp, seed, run_dir, acts, progress)
+
+    def final(fit: Fit) -> dict[str, float]:
+        return {**fit.best, "params": sum(p.numel() for p in model.net.parameters()),
+                "macs_per_second": macs_per_second(model), "best_epoch": fit.best_epoch,
+                "epochs_run": len(fit.history), "train_seconds": float(fit.history["seconds"].sum())}
+
+    role = "beats-teacher" if teacher is None and not model.causal else "beats-student"
+    return train_or_reuse(params, role, name, settings, model.net, model.spec, run, final, params_file)
 
 
 def macs_per_second(model: BeatModel) -> int:
@@ -276,15 +328,3 @@ def macs_per_second(model: BeatModel) -> int:
         per_frame += directions * 3 * (width * hidden + hidden * hidden)  # three gates, input and recurrent
         width = hidden * directions
     return round(per_frame * fps)
-
-
-def log_run(params, role: str, name: str, model: BeatModel, fit: BeatFit, scores: dict[str, float],
-            params_file: str | Path | None = None) -> str:
-    """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
-    curve, scores, size and cost; return the run's id."""
-    from audiokd_lib.core import tracking
-
-    path = save(model, params.output_dir / "models" / name / "model.pt")
-    return tracking.log_trained(params, role, name, "beats", path, fit.history, {
-        **scores, "params": sum(p.numel() for p in model.net.parameters()),
-        "macs_per_second": macs_per_second(model), "best_epoch": fit.best_epoch}, params_file)

@@ -28,6 +28,19 @@ from audiokd_lib.compress.export import OPSET, onnx_session
 from audiokd_lib.core.files import atomic_path
 
 
+def stream_step(model: BeatModel, window: torch.Tensor, previous: torch.Tensor, state: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One hop of a live stream: the last n_fft samples, the previous frame's log mel and the GRU's state in;
+    this frame's (beat, downbeat) probabilities, its log mel and the new state out.
+
+    Nothing here waits for the future: one spectrum of the window that ends now, its rise over the
+    previous frame, one GRU step from the carried state. The same numbers as the whole-file model's
+    for this frame, because the front end and the student are causal."""
+    features, mel = model.frontend.step(window, previous)
+    logits, state = model.net.step(features[None], state)
+    return torch.sigmoid(logits[0, 0]), mel, state
+
+
 class BeatStream:
     """Feed hops of mono audio with :meth:`push`; get each frame's probabilities and any beat now."""
 
@@ -47,9 +60,8 @@ class BeatStream:
     def push(self, hop: torch.Tensor) -> tuple[np.ndarray, str | None]:
         """One hop (hop samples) in: (beat, downbeat) probabilities of its frame, and "beat", "downbeat" or None."""
         self.buffer = torch.cat([self.buffer[len(hop):], hop])
-        features, self.previous = self.model.frontend.step(self.buffer, self.previous)
-        logits, self.state = self.model.net.step(features[None], self.state)
-        probs = torch.sigmoid(logits[0, 0]).numpy()
+        probs, self.previous, self.state = stream_step(self.model, self.buffer, self.previous, self.state)
+        probs = probs.numpy()
         event = None
         beat = probs[0] >= self.threshold > self.last_act  # the activation rises through the threshold
         if beat and self.frame - self.last_beat >= self.min_gap:

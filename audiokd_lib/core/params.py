@@ -433,12 +433,13 @@ class SearchParams(_Section):
     width: int = Field(32, ge=4, description="channels of each modality's backbone (the small model)")
     teacher_width: int = Field(128, ge=4, description="the larger model, whose embedding is distilled")
     margin: float = Field(0.2, gt=0.0, description="triplet loss margin (Euclidean, unit vectors)")
-    temperature: float = Field(0.05, gt=0.0, description="supervised contrastive loss temperature")
+    supcon_temperature: float = Field(0.05, gt=0.0, description="supervised contrastive loss: the temperature "
+                                      "dividing the similarities (not kd.temperature, Hinton's)")
     kd_alpha: float = Field(0.7, ge=0.0, le=1.0, description="weight of the teacher's embedding in the loss")
     kd_loss: Literal["cosine", "relational"] = Field("relational", description="cosine: each embedding copied; "
                                                      "relational: the batch's similarities copied")
     train: SearchTrainParams = SearchTrainParams()
-    optuna_trials: int = Field(4, ge=0, description="Optuna trials over lr and temperature; 0: no search")
+    optuna_trials: int = Field(4, ge=0, description="Optuna trials over lr and supcon_temperature; 0: no search")
     optuna_epochs: int = Field(8, ge=1, description="epochs of each trial")
     index: SearchIndexParams = SearchIndexParams()
     top: int = Field(10, ge=1, description="results a query returns")

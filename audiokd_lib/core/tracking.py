@@ -134,14 +134,16 @@ def log_final(metrics: dict[str, float], prefix: str = "") -> None:
 
 
 def log_trained(params: Params, role: str, name: str, task: str, weights: str | Path, history: pd.DataFrame,
-                final: dict[str, float], params_file: str | Path | None = None) -> str:
-    """One run for a model trained outside the classification runs (a beat tracker, an embedding model):
-    its learning curve (`history`, one row per `epoch`), its final scores and its weights file; return
-    the run's id. "@" in a name (recall@5) becomes "_at_", which MLflow accepts."""
+                final: dict[str, float], params_file: str | Path | None = None,
+                tags: dict[str, str] | None = None) -> str:
+    """One run for a model trained outside the classification runs (notebook 09's beat trackers, notebook
+    10's embedding models): its learning curve (`history`, one row per `epoch`), its final scores and its
+    weights file; return the run's id. "@" in a name (recall@5) becomes "_at_", which MLflow accepts;
+    NaN scores (not measured) are left out. `tags` are added to the run's (e.g. its settings key)."""
     def clean(metrics: dict) -> dict[str, float]:
         return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch" and v == v}  # not NaN
 
-    with start_run(params, role, name, {"model": name, "task": task}, params_file) as run:
+    with start_run(params, role, name, {"model": name, "task": task, **(tags or {})}, params_file) as run:
         for row in history.to_dict("records"):
             log_epoch(clean(row), int(row["epoch"]))
         log_final(clean(final))

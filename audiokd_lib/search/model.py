@@ -9,15 +9,19 @@
 - **Metric learning**: positives are other segments of the same piece (and the piece in other training
   soundfonts), negatives every other piece in the batch. Triplet loss (margin on Euclidean distances
   of unit vectors, batch-all) or supervised contrastive loss (Khosla et al. 2020, with a temperature).
-- **Distillation**: a small model learns the metric loss and, with weight `kd_alpha`, the direction of
-  a larger model's embedding of the same crop (1 - cosine).
+- **Distillation**: a small model learns the metric loss and, with weight `kd_alpha`, a larger model's
+  embedding of the same crops: its direction (1 - cosine) or its in-batch similarities (relational).
+- **Training** (:func:`train_embedding`): the epochs, patience and resumable state are
+  :class:`~audiokd_lib.core.loop.EpochLoop`'s; :func:`fit_embedding` reuses a finished run with the same
+  settings (:mod:`~audiokd_lib.beats.reuse`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from audiokd_lib.core.files import file_digest
-from audiokd_lib.core.params import SearchParams
+from audiokd_lib.beats.reuse import Fit, digest, run_folder, train_or_reuse
+from audiokd_lib.core.files import atomic_path, file_digest
+from audiokd_lib.core.loop import EpochLoop
+from audiokd_lib.core.params import Params, SearchParams
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
 from audiokd_lib.search.features import MODALITIES, Segments, channels, crop, segment_frames, settings
 from audiokd_lib.search.metrics import retrieval_scores
@@ -137,6 +143,16 @@ def load(path: str | Path) -> Embedder:
     return model
 
 
+def ship(source: str | Path, target: str | Path) -> Path:
+    """Copy a trained model's checkpoint to `target` (where the command line looks), unless it is there
+    already: an unchanged file keeps its sha256, so the index and ONNX export made from it stay valid."""
+    source, target = Path(source), Path(target)
+    if not target.is_file() or file_digest(target) != file_digest(source):
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+    return target
+
+
 def identity(path: str | Path, spec: dict[str, Any]) -> dict[str, Any]:
     """What an index records of the model that made its vectors: the file, its sha256 and its spec."""
     return {"model": str(Path(path).resolve()), "sha256": file_digest(path), "spec": spec}
@@ -145,7 +161,7 @@ def identity(path: str | Path, spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- losses
 
 
-def _pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_masks(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) masks of a batch: same label and not itself; other label."""
     same = labels[:, None] == labels[None, :]
     eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
@@ -159,7 +175,7 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float =
     d is the Euclidean distance between unit vectors, sqrt(2 - 2 cos)."""
     cos = embeddings @ embeddings.T
     distance = (2 - 2 * cos).clamp_min(1e-12).sqrt()
-    positive, negative = _pairs(labels)
+    positive, negative = pair_masks(labels)
     losses = F.relu(distance[:, :, None] - distance[:, None, :] + margin)
     losses = losses[positive[:, :, None] & negative[:, None, :]]
     active = losses > 0
@@ -169,7 +185,7 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, margin: float =
 def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, L_out): for each anchor with positives,
     -mean over positives p of log(exp(s_ap / T) / sum over every other a' of exp(s_aa' / T))."""
-    positive, _ = _pairs(labels)
+    positive, _ = pair_masks(labels)
     logits = (embeddings @ embeddings.T / temperature).masked_fill(
         torch.eye(len(labels), dtype=torch.bool, device=labels.device), float("-inf"))
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
@@ -178,17 +194,23 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
     return per_anchor.mean()
 
 
+def relational_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation (Park et al. 2019): the mean squared difference of the two models' in-batch
+    cosine-similarity matrices. The student copies how the crops relate, not where they lie, which a
+    narrower network (or one with another embedding space) can do."""
+    return ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+
+
 def distill_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """How far the student's embeddings of a batch are from the teacher's (both unit length).
 
     cosine: 1 - cosine between the two embeddings of each crop (the student copies each vector);
-    relational: the mean squared difference of their in-batch cosine-similarity matrices (Park et al.
-    2019's relational distillation: the student copies how the crops relate, not where they lie).
+    relational: :func:`relational_loss` (the student copies the batch's similarities).
     """
     if kind == "cosine":
         return (1 - (student * teacher).sum(dim=-1)).mean()
     if kind == "relational":
-        return ((student @ student.T - teacher @ teacher.T) ** 2).mean()
+        return relational_loss(student, teacher)
     raise ValueError(f"unknown distillation loss {kind!r}: cosine or relational")
 
 
@@ -201,13 +223,6 @@ class Recording:
 
     group: int
     features: dict[str, np.ndarray]
-
-
-@dataclass
-class SearchFit:
-    history: pd.DataFrame     # epoch, train_loss, val_recall@5, val_mAP, seconds
-    best_epoch: int
-    best: dict[str, float]    # the kept epoch's validation scores
 
 
 def _batch(recordings: list[Recording], by_group: dict[int, list[int]], groups: list[int], length: int,
@@ -226,9 +241,10 @@ def _batch(recordings: list[Recording], by_group: dict[int, list[int]], groups: 
 
 
 def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments, Segments], sp: SearchParams,
-                    seed: int, loss: str = "supcon", teacher: Embedder | None = None, lr: float | None = None,
-                    temperature: float | None = None, epochs: int | None = None, progress: bool = True,
-                    device: str | torch.device = "cpu") -> SearchFit:
+                    seed: int, run_dir: str | Path | None = None, loss: str = "supcon", teacher: Embedder | None = None,
+                    lr: float | None = None, supcon_temperature: float | None = None, epochs: int | None = None,
+                    progress: bool = True, device: str | torch.device = "cpu",
+                    on_epoch: Callable[[dict], None] | None = None) -> Fit:
     """Train `model.net` in place on batches of P pieces x K random crops; keep the epoch with the best
     validation recall@5 (ties broken by mAP) of `val`'s queries against its catalogue, relevant being
     the same group: the notebook passes validation pieces in one timbre searched among the same pieces in
@@ -237,10 +253,22 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
 
     `loss`: "supcon" or "triplet". With `teacher`, the loss is (1 - kd_alpha) x the metric loss +
     kd_alpha x :func:`distill_loss` (`kd_loss`) to the teacher's embeddings of the same crops. On CUDA
-    the forward passes run in mixed precision (autocast, with a gradient scaler).
+    the forward passes run in mixed precision (autocast, with a gradient scaler). The epochs, patience and
+    `run_dir/last.pt` (an interrupted run resumes where it stopped; without `run_dir`, a temporary folder)
+    are :class:`~audiokd_lib.core.loop.EpochLoop`'s; `on_epoch` receives each epoch's row.
     """
-    tp, device = sp.train, torch.device(device)
-    lr, temperature, epochs = lr or tp.lr, temperature or sp.temperature, epochs or tp.epochs
+    with run_folder(run_dir) as folder:
+        return _train_embedding(model, train, val, sp, seed, folder, loss, teacher, lr, supcon_temperature, epochs,
+                                progress, torch.device(device), on_epoch)
+
+
+def _train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments, Segments], sp: SearchParams,
+                     seed: int, run_dir: Path, loss: str, teacher: Embedder | None, lr: float | None,
+                     supcon_temperature: float | None, epochs: int | None, progress: bool, device: torch.device,
+                     on_epoch: Callable[[dict], None] | None) -> Fit:
+    tp = sp.train
+    lr, epochs = lr or tp.lr, epochs or tp.epochs
+    supcon_temperature = supcon_temperature or sp.supcon_temperature
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     length = segment_frames(sp, model.spec["features"]["sample_rate"])
@@ -257,12 +285,17 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=epochs * steps)
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    metric = {"supcon": lambda e, y: supcon_loss(e, y, temperature),
+    metric = {"supcon": lambda e, y: supcon_loss(e, y, supcon_temperature),
               "triplet": lambda e, y: triplet_loss(e, y, sp.margin)}[loss]
     val_groups = [v.items["group"].to_numpy() for v in val]
-    history, best, bad = [], {"score": (-1.0, -1.0), "epoch": 0, "state": None}, 0
-    for epoch in tqdm(range(epochs), desc="epochs", disable=not progress, leave=False):
-        started, total = time.perf_counter(), 0.0
+    queries = len(val_groups[0])
+    settings = {"spec": model.spec, "train": tp.model_dump(), "seed": seed, "loss": loss, "lr": lr,
+                "supcon_temperature": supcon_temperature, "epochs": epochs, "margin": sp.margin,
+                "kd": None if teacher is None else [sp.kd_loss, sp.kd_alpha]}
+    stateful = {"optimizer": optimizer, "scheduler": scheduler, "rng": rng, **({"scaler": scaler} if amp else {})}
+    loop = EpochLoop(net, run_dir, epochs, tp.patience, on_epoch=on_epoch, settings=settings, stateful=stateful)
+    for _ in tqdm(loop, desc="epochs", disable=not progress, leave=False):
+        total = 0.0
         net.train()
         for _ in range(steps):
             chosen = rng.choice(group_ids, size=per_batch, replace=False)
@@ -285,20 +318,57 @@ def train_embedding(model: Embedder, train: list[Recording], val: tuple[Segments
         scores = retrieval_scores(model(val[0].features), val_groups[0], model(val[1].features), val_groups[1], (5,),
                                   exclude_self=val[0] is val[1])
         net.to(device)
-        history.append({"epoch": epoch + 1, "train_loss": total / steps, "val_recall@5": scores["recall@5"],
-                        "val_mAP": scores["mAP"], "seconds": time.perf_counter() - started})
-        score = (scores["recall@5"], scores["mAP"])
-        if score > best["score"]:
-            best, bad = {"score": score, "epoch": epoch + 1, "state": copy.deepcopy(net.state_dict())}, 0
-        else:
-            bad += 1
-            if bad >= tp.patience:
-                break
-    net.load_state_dict(best["state"])
+        # recall@5 first, mAP breaking ties: recall@5 moves in steps of 1 / queries, the mAP term stays below one
+        loop.end_epoch({"train_loss": total / steps, "val_recall@5": scores["recall@5"], "val_mAP": scores["mAP"]},
+                       score=scores["recall@5"] + scores["mAP"] / (queries + 1))
+    loop.restore_best()
     net.cpu().eval()
     if teacher is not None:
         teacher.net.cpu()
-    return SearchFit(pd.DataFrame(history), best["epoch"], dict(zip(("recall@5", "mAP"), best["score"])))
+    best = loop.history[loop.best["epoch"] - 1]
+    return Fit(pd.DataFrame(loop.history), loop.best["epoch"],
+               {"recall@5": best["val_recall@5"], "mAP": best["val_mAP"]})
+
+
+def recordings_digest(train: list[Recording], val: tuple[Segments, Segments]) -> str:
+    """A fingerprint of what a model learns from and is chosen by: the training recordings' features and
+    groups, the validation segments' features and groups."""
+    return digest([[r.group, r.features] for r in train],
+                  [[v.items["group"].to_numpy(), dict(v.features)] for v in val])
+
+
+def fit_embedding(params: Params, name: str, model: Embedder, train: list[Recording],
+                  val: tuple[Segments, Segments], loss: str = "supcon", teacher: Embedder | None = None,
+                  lr: float | None = None, supcon_temperature: float | None = None, data: str | None = None,
+                  params_file: str | Path | None = None, progress: bool = True,
+                  device: str | torch.device = "cpu") -> Fit:
+    """Train (or resume, or reuse) one model of notebook 10 as MLflow run `name` (role search-teacher for the
+    large model, search-student for the others), distilled from `teacher` when given.
+
+    A finished run with the same settings (the model's spec and initial weights, the loss and its settings,
+    the seed, the data's fingerprint `data` (default: :func:`recordings_digest`), the teacher's weights) is
+    reused: its weights are loaded into `model`, nothing is trained.
+    """
+    sp, seed = params.search, params.seed
+    lr, supcon_temperature = lr or sp.train.lr, supcon_temperature or sp.supcon_temperature
+    settings = {"task": "search", "spec": model.spec, "start": digest(model.net), "loss": loss, "lr": lr,
+                "supcon_temperature": supcon_temperature if loss == "supcon" else None,
+                "margin": sp.margin if loss == "triplet" else None, "train": sp.train.model_dump(), "seed": seed,
+                "data": data or recordings_digest(train, val),
+                "teacher": None if teacher is None else digest(teacher.net),
+                "kd": None if teacher is None else [sp.kd_loss, sp.kd_alpha]}
+
+    def run(run_dir: Path) -> Fit:
+        return train_embedding(model, train, val, sp, seed, run_dir, loss, teacher, lr, supcon_temperature,
+                               progress=progress, device=device)
+
+    def final(fit: Fit) -> dict[str, float]:
+        return {**{f"val_{k}": v for k, v in fit.best.items()}, "params": model.params(), "macs": macs(model),
+                "best_epoch": fit.best_epoch, "epochs_run": len(fit.history),
+                "train_seconds": float(fit.history["seconds"].sum())}
+
+    role = "search-student" if model.spec["width"] == sp.width else "search-teacher"
+    return train_or_reuse(params, role, name, settings, model.net, model.spec, run, final, params_file)
 
 
 def macs(model: Embedder) -> int:
@@ -310,14 +380,3 @@ def macs(model: Embedder) -> int:
     inputs = tuple(torch.zeros(1, model.spec["inputs"][m], frames) for m in MODALITIES)
     counted, _ = profile(copy.deepcopy(model.net).eval(), inputs=inputs, verbose=False)
     return int(counted)
-
-
-def log_run(params, role: str, name: str, model: Embedder, fit: SearchFit, scores: dict[str, float],
-            params_file: str | Path | None = None) -> str:
-    """Save the model (outputs/<profile>/models/<name>/model.pt) and log it to MLflow with its learning
-    curve, scores, size and cost; return the run's id."""
-    from audiokd_lib.core import tracking
-
-    path = save(model, params.output_dir / "models" / name / "model.pt")
-    return tracking.log_trained(params, role, name, "search", path, fit.history, {
-        **scores, "params": model.params(), "macs": macs(model), "best_epoch": fit.best_epoch}, params_file)
