@@ -171,7 +171,7 @@ if ensemble_of:
     identity = teachers.teacher_identity(teacher)
     teacher_run = runs.log_model(params, "teacher", "teacher", teacher, sets, params_file=params_file,
                                  tags={"teacher": identity, "variant": "ensemble", "members": ", ".join(names)},
-                                 metrics=evaluation.scores(teacher, sets, splits=("val",)))
+                                 score_splits=("val",))
 else:
     teacher, teacher_run = jobs[0].model, member_runs[0]
 columns = {"val_macro_f1": "val macro-F1", "test_macro_f1": "test macro-F1", "heldout_macro_f1": "held-out macro-F1",

@@ -46,6 +46,7 @@ from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
 from audiokd_lib.compress import prune
+from audiokd_lib.core.files import cached
 from audiokd_lib.core.losses import hard_loss
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
@@ -294,15 +295,24 @@ repair.round(3)
 # an exponential average over its *training* batches (random 1 s crops, mixed, with noise and gain),
 # and it is tested on clean whole clips; whatever recalibration changes there is that mismatch.
 
+#
+# The sweep is the costly part of this notebook: it runs once per source checkpoint, pruning settings and
+# clips, and a second run reads its table back (`cached`, keyed by `evaluation.result_key`).
+
 # %%
-settings = [("none", 0.0, student)]
-settings += [("unstructured", amount, prune_unstructured(student, amount)) for amount in params.prune.sparsities]
-settings += [("structured", ratio, prune_channels(student, ratio, example, params.prune.importance, calibration))
-             for ratio in params.prune.channel_ratios]
-curves = pd.DataFrame([{"kind": kind, "amount": amount, "BatchNorm": stage, **evaluation.scores(model, sets),
-                        "non-zero MACs": prune.nonzero_macs(model, example)}
-                       for kind, amount, pruned in tqdm(settings, desc="sensitivity")
-                       for stage, model in (("as trained", pruned), ("recalibrated", recalibrated(pruned)))])
+def sensitivity() -> pd.DataFrame:
+    settings = [("none", 0.0, student)]
+    settings += [("unstructured", amount, prune_unstructured(student, amount)) for amount in params.prune.sparsities]
+    settings += [("structured", ratio, prune_channels(student, ratio, example, params.prune.importance, calibration))
+                 for ratio in params.prune.channel_ratios]
+    return pd.DataFrame([{"kind": kind, "amount": amount, "BatchNorm": stage, **evaluation.scores(model, sets),
+                          "non-zero MACs": prune.nonzero_macs(model, example)}
+                         for kind, amount, pruned in tqdm(settings, desc="sensitivity")
+                         for stage, model in (("as trained", pruned), ("recalibrated", recalibrated(pruned)))])
+
+
+key = evaluation.result_key(sets, [runs.checkpoint_path(params, source["model"])], prune=params.prune)
+curves = cached(params.output_dir / "models" / "pruning-sensitivity.pkl", key, sensitivity)
 curves = curves.rename(columns=results.TABLE_COLUMNS)
 display(curves.round(3))
 figure = report.sensitivity_figure(params, curves, "mAP" if student.spec.get("multilabel") else "macro-F1")
@@ -318,11 +328,8 @@ display(Image(filename=str(figure)))
 # %%
 sparse, slim = recalibrated(sparse), recalibrated(slim)
 tags = {"source": source["model"], "teacher": source.get("teacher", "none")}
-names = report.pruned_names(params)
-pruned_runs = [
-    runs.log_model(params, "student-pruned", names["unstructured"], sparse, sets,
-                   tags={**tags, "variant": f"unstructured {params.prune.sparsity:.0%}"}, params_file=params_file),
-    runs.log_model(params, "student-pruned", names["structured"], slim, sets,
-                   tags={**tags, "variant": f"structured {params.prune.channel_ratio:.0%}"}, params_file=params_file),
-]
+pruned_runs = [runs.log_model(params, "student-pruned", f"pruned-{kind}-{amount:g}", model, sets,
+                              tags={**tags, "variant": f"{kind} {amount:.0%}"}, params_file=params_file)
+               for kind, amount, model in (("unstructured", params.prune.sparsity, sparse),
+                                           ("structured", params.prune.channel_ratio, slim))]
 display(results.results_table(params, ["student-kd", "student-pruned"]))

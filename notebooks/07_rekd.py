@@ -41,15 +41,15 @@ from IPython.display import Image, Markdown, display
 from audiokd_lib.compress import export, prune, soft_labels
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
-from audiokd_lib.experiment import evaluation, report, results, runs
+from audiokd_lib.experiment import evaluation, report, runs
 from audiokd_lib.models import checkpoints
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
 clips = tables.load_clip_table(params, "clips")
-pruned_runs = results.results_table(params, ["student-pruned"])
-# Pruned students of earlier settings stay in the MLflow store; only this profile's are re-trained.
-pruned_runs = pruned_runs[pruned_runs["model"].isin(report.pruned_names(params).values())]
+# Pruned students of earlier settings stay in the MLflow store; only those whose checkpoints say they were pruned
+# at this profile's settings (prune.sparsity, prune.channel_ratio) are re-trained.
+pruned_runs = report.pruned_students(params)
 print(f"re-training {list(pruned_runs['model'])} with {params.prune.retrain}, {params.prune.train.epochs} epochs each")
 
 # %% [markdown]
@@ -68,11 +68,11 @@ seed = params.prune.train.seeds[0]
 recipes = {"kd": ("student-rekd", "rekd", "{} + re-KD"), "labels": ("student-finetuned", "finetuned", "{} + labels"),
            "scratch": ("student-scratch", "scratch", "{}, from scratch + KD")}
 jobs = []
-for name, variant in zip(pruned_runs["model"], pruned_runs["variant"]):
+for name, variant, pruning in zip(pruned_runs["model"], pruned_runs["variant"], pruned_runs["pruning"]):
     for mode in params.prune.retrain:
         model = checkpoints.load_checkpoint(runs.checkpoint_path(params, name))
         if mode == "scratch":
-            if model.spec["pruning"]["kind"] != "structured":
+            if pruning != "structured":
                 continue  # unstructured pruning keeps the dense architecture: there is no new one to test
             model = prune.reinitialise(model, seed)
         role, suffix, label = recipes[mode]
@@ -137,7 +137,8 @@ display(Markdown(report.headline(params, table)))
 # %% [markdown]
 # ## Shipping the final student: ONNX
 #
-# The structured-pruned, re-distilled student is the one to ship. ONNX (opset 17) carries it out of
+# The structured-pruned, re-distilled student is the one to ship (`report.final_student` finds its run by what
+# its checkpoint says: pruned structurally at `prune.channel_ratio`, then re-distilled). ONNX (opset 17) carries it out of
 # PyTorch: the network only, from log-mel features to logits, with the class names and front-end
 # settings in the file's metadata. The log-mel front end stays outside: ONNX has no complex STFT, and
 # an app computes its features natively anyway. The export is checked against PyTorch on real test
@@ -145,7 +146,8 @@ display(Markdown(report.headline(params, table)))
 # CPU with the same threads.
 
 # %%
-final = next(job.model for job in jobs if job.role == "student-rekd" and job.name.startswith("pruned-structured"))
+final_run = report.final_student(params)
+final = checkpoints.load_checkpoint(runs.checkpoint_path(params, final_run["model"]))
 onnx_file = export.export_onnx(final, sets["val"].features[:1], params.output_dir / "models" / "final_student.onnx")
 display(pd.Series(export.check_onnx(final, onnx_file, sets["test"].features[:64]), name=onnx_file.name))
 display(pd.DataFrame(export.time_onnx(final, onnx_file, sets["test"].features[:32], threads=params.threads))

@@ -33,29 +33,27 @@ params_file = "params/quick.yaml"
 
 # %%
 import json
-import os
 from html import escape
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from IPython.display import HTML, Image, Markdown, display
 
 from audiokd_lib import classify, training
-from audiokd_lib.audio.features import compute_norm_stats
 from audiokd_lib.audio.loading import load_audio, resample
 from audiokd_lib.core import metrics, plots, tracking
+from audiokd_lib.core.files import cached
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real_eval, tables, taxonomy
 from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints, students, teachers
-from audiokd_lib.separation import crnn, quality, stem_selection
+from audiokd_lib.separation import crnn, detector as detection, quality, stem_selection
 from audiokd_lib.separation.crnn import MaskCRNN, level
 from audiokd_lib.separation.quality import SDR_CLAMP_DB
-from audiokd_lib.separation.separator import load_demucs, open_separator, separate
+from audiokd_lib.separation.separator import load_demucs, open_separator
 
 params = load_params(params_file)
 torch.set_num_threads(params.threads)
@@ -123,8 +121,7 @@ def magnitude_loss(model: MaskCRNN, mixture: torch.Tensor, sources: torch.Tensor
 # settings and pieces is reused, not trained again.
 
 # %%
-separator_threads = (params.workers or len(os.sched_getaffinity(0))) * params.threads
-torch.set_num_threads(separator_threads)
+torch.set_num_threads(runs.threads_for_one_run(params))
 separator_run = runs.train_separator(params, pieces, params_file)
 separator = open_separator("crnn", params)
 display(Image(filename=str(tracking.artifact_path(separator_run, "separator-crnn_loss.png"))))
@@ -179,27 +176,21 @@ def sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
     return float(np.asarray(value).reshape(-1)[0])
 
 
+# %% [markdown]
+# `runs.separator_scores` runs `quality.evaluate` (the mixture, the ideal ratio mask and the CRNN, piece by
+# piece, with the SDR above) on each split, adds the scores to the separator's MLflow run
+# (`test_sdr_average_CRNN`, ...; per-track tables under `sdr/`), and keeps them in its run folder: a second
+# run with the same checkpoint, pieces and settings reads them back instead of separating again.
+
 # %%
 eval_sets = {split: pieces[pieces["split"] == split].head(sp.eval_pieces) for split in ("test", "heldout")}
-sdr_scores = {split: quality.evaluate(rows, {"CRNN": separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
-                                       sp.overlap) for split, rows in eval_sets.items() if len(rows)}
+sdr_scores = runs.separator_scores(params, separator_run, separator, eval_sets)
 sdr_table = pd.concat({split: scores.table() for split, scores in sdr_scores.items()}, names=["split", "method"])
 display(sdr_table.round(2))
-print(f"{', '.join(f'{len(rows)} {split}' for split, rows in eval_sets.items())} pieces; "
-      f"whole-track SDR in dB, mean over tracks; RTF on {separator_threads} thread(s)")
+print(f"{', '.join(f'{len(rows)} {split}' for split, rows in eval_sets.items())} pieces; whole-track SDR in dB, "
+      f"mean over tracks; RTF on {torch.get_num_threads()} thread(s)")
 
 # %%
-tracking.setup(params)
-separator_dir = runs.model_dir(params, separator_run["model"])
-with mlflow.start_run(run_id=separator_run["run_id"]):  # the SDRs join the separator's own run
-    for split, scores in sdr_scores.items():
-        table = scores.table()
-        tracking.log_final({f"{'rtf' if column == 'rtf' else f'sdr_{column}'}_{method.replace(' ', '_')}": value
-                            for method, row in table.iterrows() for column, value in row.items() if pd.notna(value)},
-                           prefix=f"{split}_")  # e.g. test_sdr_average_CRNN, heldout_rtf_CRNN
-        scores.per_track.to_csv(separator_dir / f"sdr_{split}.csv", index=False)
-        tracking.log_artifacts([separator_dir / f"sdr_{split}.csv"], folder="sdr")
-
 fig, axes = plt.subplots(1, len(sdr_scores), figsize=(5 * len(sdr_scores), 3.2), sharey=True, squeeze=False)
 for ax, (split, scores) in zip(axes[0], sdr_scores.items()):
     scores.table().drop(columns=["gain_over_mixture", "rtf"]).T.plot.bar(ax=ax, rot=0, title=f"{split} pieces",
@@ -245,14 +236,9 @@ display(Markdown("The CRNN's average SDR gain over the mixture: " + ", ".join(
 
 # %%
 torch.set_num_threads(params.threads)
-detector_params = params.model_copy(update={
-    "features": params.features.model_copy(update={"clip_seconds": params.data.pieces.seconds}),
-    # The pieces' teacher is always mn04, read zero-shot, whatever teacher notebooks 03-07 used.
-    "teacher": params.teacher.model_copy(update={"kind": "efficientat", "checkpoint": "mn04_as"}),
-})
+detector_params = detection.detector_params(params)  # whole pieces as clips; mn04 as the teacher, always
 classes = list(taxonomy.OPENMIC_CLASSES)
-stats = compute_norm_stats(pieces, detector_params.features, detector_params.fingerprint("features"),
-                           tables.fingerprint(pieces))
+stats = detection.norm_stats(detector_params, pieces)
 # Solo stems of the training pieces join them (`separation.detector_solo_stems` a piece): one instrument alone
 solos = tables.solo_stems(pieces[pieces["split"] == "train"], sp.detector_solo_stems, params.seed)
 sets = evaluation.feature_sets(detector_params, pd.concat([pieces, solos], ignore_index=True),
@@ -278,8 +264,12 @@ print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f
 
 # %%
 audioset = teachers.pretrained_audioset(detector_params)
-zero_shot = {split: teachers.openmic_logits(training.predict(audioset, s), audioset.classes, classes)
-             for split, s in sets.items()}
+# Run once per teacher and clips: a second run reads the logits back.
+zero_shot = cached(params.output_dir / "models" / "detector-teacher-logits.pkl",
+                   evaluation.result_key(sets, teacher=teachers.teacher_identity(audioset),
+                                         features=detector_params.features),
+                   lambda: {split: teachers.openmic_logits(training.predict(audioset, s), audioset.classes, classes)
+                            for split, s in sets.items()})
 scale, shift = teachers.fit_calibration(zero_shot["train"], sets["train"].targets)
 teacher_logits = {split: scale * logits + shift for split, logits in zero_shot.items()}
 teacher_table = pd.DataFrame({
@@ -335,11 +325,18 @@ if recordings is None:
     print("no real recordings (see notebook 01): no real precision or recall")
 else:
     solos = recordings[recordings["openmic_class"].isin(classes)]
-    heard = pd.DataFrame({"file": solos["file"], "plays": solos["openmic_class"]})
-    for job in jobs:
-        answers = [classify.classify_file(job.model, path, top_k=len(classes)).top for path in solos["path"]]
-        heard[job.name] = [", ".join(c for c, p in top if p >= sp.threshold) for top in answers]
-    display(heard)
+
+    def named_on_solos() -> pd.DataFrame:
+        heard = pd.DataFrame({"file": solos["file"], "plays": solos["openmic_class"]})
+        for job in jobs:
+            answers = [classify.classify_file(job.model, path, top_k=len(classes)).top for path in solos["path"]]
+            heard[job.name] = [", ".join(c for c, p in top if p >= sp.threshold) for top in answers]
+        return heard
+
+    # Once per detector checkpoints, recordings and threshold: a second run reads the table back.
+    display(cached(params.output_dir / "models" / "detector-real-solos.pkl",
+                   evaluation.result_key("\n".join(solos["path"]), [runs.checkpoint_path(params, j.name) for j in jobs],
+                                         threshold=sp.threshold), named_on_solos))
 detector_table = results.results_table(params, ["detector"])
 display(detector_table)
 for _, row in detector_table.iterrows():  # the course's target: at least half of what it names is right
@@ -368,10 +365,9 @@ for _, row in detector_table.iterrows():  # the course's target: at least half o
 
 # %%
 if params.data.dataset == "openmic":
-    final_name = f"{report.pruned_names(params)['structured']}-rekd"
-    detector = checkpoints.load_checkpoint(runs.checkpoint_path(params, final_name))
-    chosen_run = tracking.runs_frame(params, "student-rekd").set_index("model", drop=False).loc[final_name]
-    print(f"detector used below: {final_name}, the final multi-label student of notebook 07 "
+    chosen_run = report.final_student(params)
+    detector = checkpoints.load_checkpoint(runs.checkpoint_path(params, chosen_run["model"]))
+    print(f"detector used below: {chosen_run['model']}, the final multi-label student of notebook 07 "
           f"(test mAP {chosen_run['test_mAP']:.3f}; classes {', '.join(detector.classes)})")
 
 # %% [markdown]
@@ -401,26 +397,21 @@ separated_dir = params.output_dir / "separated"
 examples = pieces[pieces["split"] == "heldout"].head(4)
 rows = []
 for piece in examples.itertuples():
-    separation = separate(separator, load_audio(piece.path, separator.samplerate, mono=False),
-                         separator.samplerate, sp.segment_seconds, sp.overlap)
-    prediction = classify.classify_file(detector, piece.path, top_k=len(detector.classes))
-    selection = stem_selection.select_stems(dict(prediction.top), sp.threshold, separator.sources)
     info = {"input": piece.path, "true_instruments": piece.labels.split("|"),
             "separator": {"choice": "crnn", "run_id": separator_run["run_id"]},
             "classifier": {"model": chosen_run["model"], "run_id": chosen_run["run_id"], "classes": detector.classes}}
-    # overwrite=True: these folders are this notebook's own outputs, made again on every run.
-    folder = stem_selection.write_selection(separated_dir, piece.sample_key, separation, selection, info,
-                                            overwrite=True)
+    # Kept from an earlier run when made by the same separator, detector and settings; else made (again).
+    manifest = stem_selection.separate_and_choose(separator, detector, piece.path, separated_dir, piece.sample_key,
+                                                  sp, info)
+    heard = sorted((p, c) for c, p in manifest["scores"].items() if p >= sp.threshold)[::-1]
     rows.append({"piece": piece.sample_key, "plays": piece.labels.replace("|", ", "),
-                 "heard": ", ".join(c for c, p in prediction.top if p >= sp.threshold),
-                 "stems handed over": ", ".join(selection.chosen),
-                 "folder": str(folder.relative_to(params.output_dir))})
-    assert sorted(p.stem for p in folder.glob("*.wav")) == sorted(selection.chosen), "only the chosen stems"
+                 "heard": ", ".join(c for _, c in heard), "stems handed over": ", ".join(manifest["chosen"]),
+                 "folder": str((separated_dir / piece.sample_key).relative_to(params.output_dir))})
+    assert sorted(p.stem for p in (separated_dir / piece.sample_key).glob("*.wav")) == sorted(manifest["chosen"])
 display(pd.DataFrame(rows))
-with mlflow.start_run(run_id=separator_run["run_id"]):
-    for piece in examples.itertuples():
-        tracking.log_artifacts([separated_dir / piece.sample_key / "manifest.json"],
-                               folder=f"selection/{piece.sample_key}")
+for piece in examples.itertuples():
+    runs.add_artifacts(params, separator_run["run_id"], [separated_dir / piece.sample_key / "manifest.json"],
+                       folder=f"selection/{piece.sample_key}")
 
 # %%
 first = examples["sample_key"].iloc[0]

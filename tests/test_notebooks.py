@@ -230,7 +230,7 @@ def check_results_table(params, table: pd.DataFrame) -> None:
     assert kd["MACs"] == baseline["MACs"] and kd["params"] == baseline["params"]  # same network, other loss
     assert by_role["teacher"]["MACs / teacher"].tolist() == [1.0]
 
-    pruned = by_role["student-pruned"].set_index(by_role["student-pruned"]["variant"].str.split().str[0])
+    pruned = by_role["student-pruned"].set_index("pruning")  # the kind its checkpoint says
     assert set(pruned.index) == {"unstructured", "structured"}
     # Zeros still cost dense MACs; removed channels do not.
     assert pruned.loc["unstructured", "MACs"] == kd["MACs"]
@@ -241,14 +241,17 @@ def check_results_table(params, table: pd.DataFrame) -> None:
     for role, suffix in (("student-rekd", "re-KD"), ("student-finetuned", "labels")):
         expected = sorted(f"{variant} + {suffix}" for variant in by_role["student-pruned"]["variant"])
         assert sorted(by_role[role]["variant"]) == expected
-        retrained = by_role[role].set_index(by_role[role]["variant"].str.split().str[0])
+        retrained = by_role[role].set_index("pruning")
         assert (retrained["MACs"] == pruned.loc[retrained.index, "MACs"]).all()  # re-training keeps the shape
     # The control: the structured architecture, re-initialised, distilled on the same budget.
-    [structured] = [v for v in by_role["student-pruned"]["variant"] if v.startswith("structured")]
+    structured = pruned.loc["structured", "variant"]
     assert by_role["student-scratch"]["variant"].tolist() == [f"{structured}, from scratch + KD"]
     assert by_role["student-scratch"]["MACs"].tolist() == [pruned.loc["structured", "MACs"]]
     [control] = results.results_table(params, ["student-scratch"])["model"]
     assert "reinitialised" in checkpoints.load_checkpoint(runs.checkpoint_path(params, control)).spec["pruning"]
+    final = report.final_student(params)  # chosen by what its checkpoint says, not by its name
+    assert final["role"] == "student-rekd" and report.pruning_of(final) == {
+        "kind": "structured", "ratio": params.prune.channel_ratio, "importance": params.prune.importance}
 
 
 def check_separated_stems(params, separated: Path) -> None:
@@ -335,11 +338,12 @@ def test_the_multilabel_chain_runs_on_openmic(tmp_path, monkeypatch):
     table = pd.read_csv(params.output_dir / "results.csv")
     assert set(table["role"]) == set(report.ROLES) and report.main_score(table) == "test mAP"
     assert table["test mAP"].between(0, 1).all()
-    student = checkpoints.load_checkpoint(runs.checkpoint_path(params, "pruned-structured-0.5-rekd"))
+    final = report.final_student(params)
+    student = checkpoints.load_checkpoint(runs.checkpoint_path(params, final["model"]))
     assert student.spec["multilabel"] and student.classes == ["piano", "violin", "voice"]
     check_separated_stems(params, params.output_dir / "separated")
     manifest = json.loads(next((params.output_dir / "separated").glob("*/manifest.json")).read_text())
-    assert manifest["classifier"]["model"] == "pruned-structured-0.5-rekd"  # the course's final student chose the stems
+    assert manifest["classifier"]["run_id"] == final["run_id"]  # the course's final student chose the stems
 
 
 @pytest.mark.slow

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
 import nbformat
+import pandas as pd
 import pytest
-from conftest import write_profile
+from conftest import ROOT, write_profile
 
 from audiokd_lib.cli import main
+from audiokd_lib.core.params import load_params
+from audiokd_lib.experiment import results
 from audiokd_lib.experiment.pipeline import NotebookFailed, run_notebooks, select_notebooks
 
 
@@ -104,3 +114,46 @@ def test_report_writes_each_executed_notebook_as_a_page(tmp_path, capsys):
     assert page == tmp_path / "out" / "report" / "08_separation.html"
     html = page.read_text()
     assert "<audio" in html and "data:audio/wav;base64" in html and "A player" in html
+
+
+@pytest.mark.slow
+def test_a_chain_killed_while_05_trains_finishes_with_the_same_table(tmp_path):
+    """`make run` killed with SIGKILL (its whole process group) once notebook 05 has written a last.pt, then
+    started again, ends with the same scores as 05's runs trained without interruption."""
+    notebooks = "[01_data, 02_features, 03_teacher, 04_student, 05_kd]"
+    profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'out'}\n"
+                                      f"notebooks: {notebooks}\n", "smoke")
+    params = load_params(profile)
+    command = [sys.executable, "-m", "audiokd_lib", "run", "--params", str(profile)]
+    chain = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    models, started = params.output_dir / "models", time.monotonic()
+    try:
+        while not any(models.glob("student-kd-*/last.pt")):
+            assert chain.poll() is None and time.monotonic() - started < 600, "05 never wrote a last.pt"
+            time.sleep(0.1)
+    finally:
+        os.killpg(chain.pid, signal.SIGKILL)
+        chain.wait()
+    assert not (models / "student-kd-cached-seed0" / "done.json").exists(), "killed too late to test a resume"
+
+    def written() -> dict:
+        return {path: path.stat().st_mtime_ns for path in models.glob("student-kd-*/*")}
+
+    # Nothing trains on once the chain is dead: its kernel (within a second) and the kernel's worker processes
+    # die with it; the workers once went on, orphaned, writing into the folders the next run resumes from.
+    time.sleep(2)
+    before = written()
+    time.sleep(10)
+    assert written() == before
+
+    def scores() -> pd.DataFrame:
+        table = results.results_table(params, ["student-kd"]).set_index("model").sort_index()
+        return table[[c for c in table if "acc" in c or "F1" in c]]
+
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)  # started again, the same command
+    resumed = scores()
+    for folder in models.glob("student-kd-*"):  # the reference: 05's runs trained again, uninterrupted
+        shutil.rmtree(folder)
+    subprocess.run([*command, "--from", "05"], cwd=ROOT, check=True, capture_output=True)
+    pd.testing.assert_frame_equal(resumed, scores(), atol=1e-6)

@@ -169,7 +169,8 @@ def test_headline_checks_the_course_targets(smoke_profile, tmp_path):
         {**row, "role": "student-baseline", "variant": "baseline", "MACs": 10e6, "heldout macro-F1": 0.70},
         {**row, "role": "student-kd", "variant": "kd-cached", "MACs": 10e6, "heldout macro-F1": 0.72},
         {**row, "role": "student-kd", "variant": "kd-cached+transfer", "MACs": 10e6, "heldout macro-F1": 0.76},
-        {**row, "role": "student-rekd", "variant": "structured 35% + re-KD", "MACs": 5e6, "heldout macro-F1": 0.78,
+        {**row, "role": "student-rekd", "variant": "structured 35% + re-KD", "pruning": "structured", "MACs": 5e6,
+         "heldout macro-F1": 0.78,
          "latency ms": 1.0, "latency ms/clip @32": 0.5, "params": 300},
     ])
     teacher, kd, final = report.headline(params, table).splitlines()
@@ -179,3 +180,21 @@ def test_headline_checks_the_course_targets(smoke_profile, tmp_path):
     assert "keeps 91% of the teacher's" in final and "1/16 of its MACs (target at most 1/20: **not met**)" in final
     assert (params.output_dir / "headline.md").read_text().count("\n- ") == 3
 
+
+
+def test_a_result_is_computed_once_per_key(tmp_path):
+    from audiokd_lib.core.files import cached
+
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return pd.DataFrame({"score": [0.5 * len(calls)]})
+
+    path = tmp_path / "result.pkl"
+    first = cached(path, "key-a", compute)
+    pd.testing.assert_frame_equal(cached(path, "key-a", compute), first)  # read back, not computed
+    assert len(calls) == 1
+    assert cached(path, "key-b", compute)["score"].item() == 1.0 and len(calls) == 2  # other inputs: again
+    path.write_bytes(b"half a file")  # whatever is there, a file that does not read is computed again
+    assert cached(path, "key-b", compute)["score"].item() == 1.5 and len(calls) == 3

@@ -135,7 +135,7 @@ def test_time_budget_stops_training(pieces, tmp_path):
     assert crnn.load_crnn(result.checkpoint).spec == tiny_crnn().spec
 
 
-def test_the_separator_run_is_logged_found_by_the_cli_and_reused(pieces, tmp_path, capsys):
+def test_the_separator_run_is_logged_found_by_the_cli_and_reused(pieces, tmp_path, capsys, monkeypatch):
     crnn_settings = ", ".join(f"{key}: {value}" for key, value in
                               TINY.model_copy(update={"epochs": 2}).model_dump().items() if value is not None)
     profile = write_profile(tmp_path, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {tmp_path / 'outputs'}\n"
@@ -150,8 +150,20 @@ def test_the_separator_run_is_logged_found_by_the_cli_and_reused(pieces, tmp_pat
     found = separator.open_separator("crnn", params)  # what `audiokd separate --separator crnn` loads
     assert found.spec == crnn.load_crnn(runs.checkpoint_path(params, "separator-crnn")).spec
     capsys.readouterr()
-    assert runs.train_separator(params, pieces, progress=False).name == row.name  # reused, not trained again
+    again = runs.train_separator(params, pieces, progress=False)
+    assert again.name == row.name  # reused, not trained again
     assert "reusing it" in capsys.readouterr().out
+
+    # Its SDRs: measured once, added to its run; a second call reads them back (the same numbers, no separating)
+    test = {"test": pieces[pieces["split"] == "test"]}
+    scores = runs.separator_scores(params, again, found, test)
+    logged = tracking.runs_frame(params, "separator").iloc[0]
+    assert logged["test_sdr_average_CRNN"] == pytest.approx(scores["test"].table().loc["CRNN", "average"])
+    assert tracking.artifact_path(logged, "sdr/sdr_test.csv").is_file()
+    with monkeypatch.context() as patch:
+        patch.setattr(quality, "evaluate", lambda *args, **kwargs: pytest.fail("separated again"))
+        pd.testing.assert_frame_equal(runs.separator_scores(params, logged, found, test)["test"].per_track,
+                                      scores["test"].per_track)
 
 
 def test_checkpoint_errors_are_clear(tmp_path):
@@ -297,6 +309,22 @@ def test_cli_selects_stems_and_never_overwrites_silently(profile, crnn_checkpoin
     assert main([*command, "--threshold", "1", "--overwrite"]) == 0
     assert [p.name for p in (out / "song").iterdir()] == ["manifest.json"]  # nothing heard: nothing handed over
     assert "no stems" in capsys.readouterr().out
+
+
+def test_a_hand_over_made_before_with_the_same_inputs_is_kept(profile, crnn_checkpoint, classifier, tmp_path,
+                                                               monkeypatch):
+    song = save_audio(tmp_path / "song.wav", 0.1 * torch.randn(1, RATE), RATE)
+    sep, tagger = crnn.load_crnn(crnn_checkpoint), checkpoints.load_checkpoint(classifier)
+    sp = load_params(profile).separation.model_copy(update={"threshold": 0.0})
+    info = {"input": str(song), "classifier": {"run_id": "a"}}
+    made = stem_selection.separate_and_choose(sep, tagger, song, tmp_path / "out", "song", sp, info)
+    assert made["chosen"] == list(sep.sources) and made["classifier"] == {"run_id": "a"}
+    with monkeypatch.context() as patch:
+        patch.setattr(stem_selection, "separate", lambda *args, **kwargs: pytest.fail("separated again"))
+        assert stem_selection.separate_and_choose(sep, tagger, song, tmp_path / "out", "song", sp, info) == made
+    other = stem_selection.separate_and_choose(sep, tagger, song, tmp_path / "out", "song", sp,
+                                               {**info, "classifier": {"run_id": "b"}})  # another detector
+    assert other["classifier"] == {"run_id": "b"}
 
 
 def test_cli_bad_silent_and_long_inputs(profile, crnn_checkpoint, tmp_path, capsys, monkeypatch):

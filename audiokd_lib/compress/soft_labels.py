@@ -28,12 +28,21 @@ def cache_teacher_logits(params: Params, teacher: Classifier, checkpoint: Path, 
     Stored with the teacher's identity, its checkpoint's hash and the clips' paths, so a changed
     teacher or dataset is never paired with an old cache (see :func:`load_teacher_logits`). For an
     ensemble teacher these are the ensemble's: its averaged logits, its name, its own checkpoint.
+
+    A cache made by the same checkpoint for the same clips is kept as it is: the teacher does not run again.
     """
-    saved = {"identity": teacher.spec["identity"], "checkpoint_sha256": file_digest(checkpoint),
-             "classes": teacher.classes,
+    path = teacher_logits_path(params)
+    digest = file_digest(checkpoint)
+    if path.is_file():
+        old = torch.load(path, weights_only=True)
+        same_teacher = (old["checkpoint_sha256"], old["identity"], old["classes"]) == (
+            digest, teacher.spec["identity"], teacher.classes)
+        if same_teacher and all(s in old["splits"] and old["splits"][s]["paths"] == d.paths for s, d in sets.items()):
+            print(f"{path}: the teacher's logits for these clips are saved already; reusing them")
+            return path
+    saved = {"identity": teacher.spec["identity"], "checkpoint_sha256": digest, "classes": teacher.classes,
              "splits": {s: {"paths": d.paths, "logits": predict(teacher, d)}
                         for s, d in tqdm(sets.items(), desc="teacher logits", unit="split")}}
-    path = teacher_logits_path(params)
     with atomic_path(path) as tmp:
         torch.save(saved, tmp)
     return path

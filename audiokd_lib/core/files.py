@@ -1,4 +1,5 @@
-"""Where the project lives, and writing files so that an interrupted run never leaves half a file."""
+"""Where the project lives, writing files so that an interrupted run never leaves half a file, and results
+that cost kept on disk by the key of their inputs (:func:`cached`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def project_root() -> Path:
@@ -79,3 +83,23 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def cached(path: str | Path, key: str, compute: Callable[[], T]) -> T:
+    """What `compute()` returned when it last ran on inputs of this `key`, read back from `path`; when the key
+    differs (or nothing is saved yet) it runs now and its value is saved there, atomically, with the key.
+
+    The key names everything the value depends on: settings, data fingerprint, model checkpoint hash
+    (e.g. :func:`~audiokd_lib.core.tracking.settings_key` of them). The file is a pickle of our own making.
+    """
+    path = Path(path)
+    if path.is_file():
+        with contextlib.suppress(OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError):
+            with open(path, "rb") as handle:
+                saved = pickle.load(handle)  # written by this function, in this project's outputs
+            if saved["key"] == key:
+                return saved["value"]
+    value = compute()
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        pickle.dump({"key": key, "value": value}, handle)
+    return value

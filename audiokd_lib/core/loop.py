@@ -1,8 +1,9 @@
-"""The epoch loop every training of the course shares: early stopping, the best epoch kept, resumable state.
+"""The epoch loop the course's trainings share: early stopping, the best epoch kept, resumable state.
 
-The classifiers (:func:`audiokd_lib.training.fit`) and the mask CRNN
-(:func:`audiokd_lib.separation.crnn.train_crnn`) differ in their steps and their validation; what
-happens between epochs is the same for both and is written once here (:class:`EpochLoop`):
+Its users: the classifiers of notebooks 03-08 (:func:`audiokd_lib.training.fit`), notebook 08's mask CRNN
+(:func:`audiokd_lib.separation.crnn.train_crnn`), notebook 09's beat trackers (:mod:`audiokd_lib.beats.model`)
+and notebook 10's embedding models (:mod:`audiokd_lib.search.model`). They differ in their steps and their
+validation; what happens between epochs is the same for all and is written once here (:class:`EpochLoop`):
 
 - training stops after `epochs` epochs, after `patience` epochs without a better validation score,
   or once an optional time budget is spent (time spent before a resume counts);

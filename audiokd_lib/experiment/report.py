@@ -4,6 +4,10 @@
 seeds of one recipe (its `variant` tag) into one row; :func:`save_results` writes results.csv and
 results.md; :func:`pareto_figure` and :func:`targets_verdict` read the table back; :func:`sensitivity_figure`
 plots notebook 06's pruning curves.
+
+Pruned students are told apart by what their checkpoints say (:func:`pruning_of`: the kind of pruning and
+its amount), never by their names: :func:`pruned_students` are those of the profile's chosen settings,
+which notebook 07 re-trains, and :func:`final_student` is the one the course ships.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from audiokd_lib.core.params import Params
 from audiokd_lib.core.plots import save_fig
 from audiokd_lib.data import real_eval
 from audiokd_lib.experiment.results import TABLE_COLUMNS, best_run
+from audiokd_lib.models.checkpoints import read_checkpoint
 
 # student-scratch: a pruned architecture re-initialised and distilled, the control for re-training pruned weights
 ROLES = ("teacher", "student-baseline", "student-kd", "student-pruned", "student-rekd", "student-finetuned",
@@ -28,19 +33,47 @@ ROLES = ("teacher", "student-baseline", "student-kd", "student-pruned", "student
 RETRAINED = ("student-rekd", "student-finetuned", "student-scratch")  # trained from a pruned student (07)
 
 
-def pruned_names(params: Params) -> dict[str, str]:
-    """The model names of the profile's chosen pruned students (notebook 06), by kind of pruning."""
-    return {"unstructured": f"pruned-unstructured-{params.prune.sparsity:g}",
-            "structured": f"pruned-structured-{params.prune.channel_ratio:g}"}
+def pruning_of(run: pd.Series) -> dict:
+    """How the model of an MLflow run (a row of :func:`~audiokd_lib.core.tracking.runs_frame`) was pruned, as
+    its checkpoint's spec says: {"kind": "structured", "ratio": 0.5, ...}, {"kind": "unstructured", "amount":
+    0.5, ...}, or {} for a model that was not."""
+    return read_checkpoint(tracking.artifact_path(run, "model.pt"))["spec"].get("pruning") or {}
 
 
-def _chosen_pruning(params: Params, frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `frame` without pruned students of other settings than the profile's, nor their re-trainings:
-    those stay in the MLflow store after `prune.sparsity` or `prune.channel_ratio` change, but not in the table."""
-    names = list(pruned_names(params).values())
-    pruned, retrained = frame["role"].eq("student-pruned"), frame["role"].isin(RETRAINED)
-    source = frame["source"] if "source" in frame else pd.Series(None, index=frame.index, dtype=object)
-    return frame[~(pruned | retrained) | (pruned & frame["model"].isin(names)) | (retrained & source.isin(names))]
+def is_chosen_pruning(params: Params, pruning: dict) -> bool:
+    """Whether `pruning` (a spec's, see :func:`pruning_of`) is one of the profile's chosen settings: unstructured
+    at `prune.sparsity` or structured at `prune.channel_ratio`."""
+    return ((pruning.get("kind") == "unstructured" and pruning.get("amount") == params.prune.sparsity)
+            or (pruning.get("kind") == "structured" and pruning.get("ratio") == params.prune.channel_ratio))
+
+
+def _with_pruning(params: Params, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with a `pruning` column (the kind its checkpoint says, for the pruned and re-trained students),
+    without pruned students of other settings than the profile's, nor their re-trainings: those stay in the
+    MLflow store after `prune.sparsity` or `prune.channel_ratio` change, but not in the table."""
+    pruned = frame["role"].isin(("student-pruned", *RETRAINED)) if "role" in frame else frame.index.isna()
+    specs = [pruning_of(row) if is_pruned else {} for is_pruned, (_, row) in zip(pruned, frame.iterrows())]
+    frame = frame.assign(pruning=[spec.get("kind") for spec in specs])
+    keep = [not is_pruned or is_chosen_pruning(params, spec) for is_pruned, spec in zip(pruned, specs)]
+    return frame[pd.Series(keep, index=frame.index, dtype=bool)]
+
+
+def pruned_students(params: Params) -> pd.DataFrame:
+    """The newest run of every pruned student (notebook 06) at the profile's chosen settings, with its
+    `pruning` kind: the students notebook 07 re-trains."""
+    return _with_pruning(params, tracking.runs_frame(params, "student-pruned").drop_duplicates("model"))
+
+
+def final_student(params: Params) -> pd.Series:
+    """The course's final student: the newest re-distilled run (role student-rekd) whose checkpoint says it was
+    pruned structurally, at the profile's `prune.channel_ratio`, from trained weights."""
+    for _, run in tracking.runs_frame(params, "student-rekd").iterrows():
+        pruning = pruning_of(run)
+        if pruning.get("kind") == "structured" and is_chosen_pruning(params, pruning) \
+                and "reinitialised" not in pruning:
+            return run
+    raise LookupError(f"no re-distilled student pruned structurally at ratio {params.prune.channel_ratio:g} in "
+                      f"{tracking.tracking_uri(params)}: run notebooks 06 and 07 with this profile first")
 
 
 EXTRA_COLUMNS = {"nonzero_params": "non-zero params", "nonzero_macs": "non-zero MACs",
@@ -68,13 +101,14 @@ def final_table(params: Params) -> pd.DataFrame:
     frame = tracking.runs_frame(params)
     if frame.empty or "role" not in frame:
         raise LookupError(f"no finished runs in {tracking.tracking_uri(params)}: run notebooks 03-07 first")
-    frame = _chosen_pruning(params, frame[frame["role"].isin(ROLES)].drop_duplicates("model"))  # newest of each
+    frame = _with_pruning(params, frame[frame["role"].isin(ROLES)].drop_duplicates("model"))  # newest of each
     frame = frame.assign(variant=frame["variant"].fillna(frame["model"]) if "variant" in frame else frame["model"])
     measures = [c for c in MEASURES if c in frame and frame[c].notna().any()]
     groups = frame.groupby(["role", "variant"], sort=False)
     table = groups[measures].mean()
     table.insert(0, "seeds", groups.size())
     table.insert(1, "teacher", groups["teacher"].first())
+    table.insert(2, "pruning", groups["pruning"].first())  # structured, unstructured, or none
     table = table.reset_index().rename(columns={**TABLE_COLUMNS, **EXTRA_COLUMNS})
     score = main_score(table)
     spread = groups[{v: k for k, v in TABLE_COLUMNS.items()}[score]].std().reset_index(drop=True)
@@ -205,7 +239,7 @@ def targets_verdict(params: Params, table: pd.DataFrame) -> str:
     same architecture distilled from scratch.
     """
     rekd = table[table["role"] == "student-rekd"]
-    slim = rekd[rekd["variant"].str.startswith("structured")]
+    slim = rekd[rekd["pruning"] == "structured"]
     base = table[table["role"] == "student-baseline"]
     if slim.empty or base.empty:
         return "No structured re-distilled student or no baseline in the table: nothing to check."
@@ -249,7 +283,7 @@ def headline(params: Params, table: pd.DataFrame) -> str:
     batch 1 and 32. Written to outputs/<profile>/headline.md as well.
     """
     teacher, base = table[table["role"] == "teacher"], table[table["role"] == "student-baseline"]
-    final = table[(table["role"] == "student-rekd") & table["variant"].str.startswith("structured")]
+    final = table[(table["role"] == "student-rekd") & (table["pruning"] == "structured")]
     if teacher.empty or base.empty or final.empty:
         return "No teacher, baseline or structured re-distilled student in the table: no headline."
     teacher, base, final = teacher.iloc[0], base.iloc[0], final.iloc[0]

@@ -1,13 +1,15 @@
 """One model run, start to finish: train (or resume, or reuse), evaluate the same way as every other model, log.
 
-Notebooks 03-07 hand their runs (one per seed and variant) to :func:`train_many`, which trains them side
-by side (:mod:`~audiokd_lib.experiment.workers`), then evaluates each the same way
-(:mod:`~audiokd_lib.experiment.evaluation`) and logs it as one MLflow run. A model made without
+Notebooks 03-07 (and 08's instrument detectors) hand their runs (one per seed and variant) to
+:func:`train_many`, which trains them side by side (:mod:`~audiokd_lib.experiment.workers`), then evaluates
+each the same way (:mod:`~audiokd_lib.experiment.evaluation`) and logs it as one MLflow run. A model made without
 training (a pruned copy, an ensemble) goes through :func:`log_model`; notebook 08's separator, the mask
-CRNN, through :func:`train_separator`.
+CRNN, through :func:`train_separator`, and its SDR scores through :func:`separator_scores`.
 
 A run that already finished with the same settings (:func:`run_key`) is not trained again: its MLflow
-row is returned. A run that was interrupted resumes from its last epoch.
+row is returned (through :func:`~audiokd_lib.core.tracking.reuse_or_prepare`). A run that was interrupted
+resumes from its last epoch; a killed notebook's worker processes die with it
+(`workers.die_with_parent`), so none trains on into a folder that the next run resumes from.
 """
 
 from __future__ import annotations
@@ -22,17 +24,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
 from audiokd_lib.core import metrics, plots, tracking
+from audiokd_lib.core.files import cached, file_digest, write_csv
 from audiokd_lib.core.params import KDParams, Params, TrainParams
 from audiokd_lib.data.tables import fingerprint
-from audiokd_lib.experiment.workers import (fit_in_worker, fit_job, job_payload, save_job, separator_payload,
-                                            train_crnn_job, with_torchrun)
+from audiokd_lib.experiment.workers import (die_with_parent, fit_in_worker, fit_job, job_payload, save_job,
+                                            separator_payload, train_crnn_job, with_torchrun)
 from audiokd_lib.experiment.evaluation import evaluate, loss_figure, measure, scores, sets_fingerprint
 from audiokd_lib.models.checkpoints import load_checkpoint, save_checkpoint
 from audiokd_lib.models.classifier import Classifier
-from audiokd_lib.separation import crnn
+from audiokd_lib.separation import crnn, quality
 from audiokd_lib.training import FeatureSet, FitResult
 
 
@@ -57,6 +61,7 @@ class RunJob:
     teacher_logits: torch.Tensor | None = None  # cached distillation: the training clips' soft labels
     kd: KDParams | None = None                  # the distillation loss's temperature and alpha; None: labels only
     metrics: dict[str, float] = field(default_factory=dict)  # logged with the measured ones (log_model's)
+    score_splits: tuple[str, ...] = ()          # splits scored besides EVAL_SPLITS when logged (e.g. "val")
     train: FeatureSet | None = None             # this job's training clips, if not the shared `train` split
 
 
@@ -94,7 +99,8 @@ def train_many(params: Params, jobs: list[RunJob], sets: dict[str, FeatureSet], 
     else:
         # spawn, not fork: a forked copy of a process that already ran torch threads can deadlock.
         print(f"training {len(todo)} runs in {workers} processes of {params.threads} thread(s) each")
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(fit_in_worker,
                                    job_payload(params, job, _run_dir(params, job), _job_sets(job, sets), tp)): job
                        for job in todo}
@@ -118,6 +124,12 @@ def _default_workers() -> int:
     if torch.cuda.is_available():
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def threads_for_one_run(params: Params) -> int:
+    """The threads one run with nothing beside it may use: those of all the processes that would otherwise train
+    runs side by side (`workers` of `threads` each, by default one per CPU core)."""
+    return (params.workers or _default_workers()) * params.threads
 
 
 def model_dir(params: Params, name: str) -> Path:
@@ -181,15 +193,16 @@ def write_job(params: Params, job: RunJob, sets: dict[str, FeatureSet], tp: Trai
 
 def log_model(params: Params, role: str, name: str, model: Classifier, sets: dict[str, FeatureSet], *,
               tags: dict[str, str] | None = None, params_file: str | Path | None = None,
-              metrics: dict[str, float] | None = None) -> pd.Series:
+              metrics: dict[str, float] | None = None, score_splits: tuple[str, ...] = ()) -> pd.Series:
     """Evaluate and log a model made without training (a pruned copy): the same measures as every run.
 
-    `metrics` are logged besides those (a teacher ensemble's validation score, which :func:`best_run`
-    reads). Logged again only when the model's weights or the data changed; otherwise its MLflow row is reused.
+    `metrics` are logged besides those, and the scores on `score_splits` (a teacher ensemble's `val`, which
+    :func:`best_run` reads), measured only when the run is logged. Logged again only when the model's
+    weights or the data changed; otherwise its MLflow row is reused and nothing is measured.
     """
     weights = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values()))
     job = RunJob(role, name, model, params.seed, {**(tags or {}), "weights": weights.hexdigest()[:12]},
-                 metrics=dict(metrics or {}))
+                 metrics=dict(metrics or {}), score_splits=score_splits)
     row = _reuse_job(params, job, sets, None)
     return row if row is not None else _log_run(params, job, sets, None, params_file)
 
@@ -213,7 +226,8 @@ def _log_run(params: Params, job: RunJob, sets: dict[str, FeatureSet], result: F
                             "epochs_run": len(result.history),
                             "train_seconds": float(result.history["seconds"].sum())})
         example = sets["val"].features[:1]
-        tracking.log_final({**results, **job.metrics, **measure(params, model, checkpoint, example),
+        tracking.log_final({**results, **job.metrics, **scores(model, sets, splits=job.score_splits),
+                            **measure(params, model, checkpoint, example),
                             "clip_frames": example.shape[-1]})
         tracking.log_artifacts([checkpoint, *artifacts])
         run_id = run.info.run_id
@@ -259,3 +273,38 @@ def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Pat
         tracking.log_artifacts([result.checkpoint, curve])
         run_id = run.info.run_id
     return _finish(params, "separator", name, run_id)
+
+
+def separator_scores(params: Params, run: pd.Series, separator: torch.nn.Module, pieces: dict[str, pd.DataFrame],
+                     name: str = "CRNN") -> dict[str, quality.SeparationScores]:
+    """SDR scores (:func:`~audiokd_lib.separation.quality.evaluate`) of the separator of MLflow run `run`, called
+    `name`, with the mixture (floor) and the ideal ratio mask (ceiling), on each split's `pieces`.
+
+    Computed once per checkpoint, pieces, settings and thread count; a second run reads them back from the
+    run folder. They join the separator's own run (metrics such as `test_sdr_average_CRNN`, per-track
+    tables under `sdr/`) when it does not have them yet.
+    """
+    sp, cp, sample_rate = params.separation, params.separation.crnn, params.data.pieces.sample_rate
+    run_dir = model_dir(params, run["model"])
+    key = tracking.settings_key({"checkpoint": file_digest(tracking.artifact_path(run, crnn.CHECKPOINT_NAME)),
+                                 "pieces": {split: fingerprint(rows) for split, rows in pieces.items()},
+                                 "n_fft": cp.n_fft, "hop": cp.hop, "sample_rate": sample_rate, "name": name,
+                                 "segment_seconds": sp.segment_seconds, "overlap": sp.overlap,
+                                 "threads": torch.get_num_threads()})
+    scores = cached(run_dir / "sdr_scores.pkl", key, lambda: {
+        split: quality.evaluate(rows, {name: separator}, cp.n_fft, cp.hop, sample_rate, sp.segment_seconds,
+                                sp.overlap) for split, rows in pieces.items() if len(rows)})
+    if scores and pd.isna(run.get(f"{next(iter(scores))}_sdr_average_{name}")):  # not in its run yet
+        per_track = []
+        for split, split_scores in scores.items():
+            tracking.add_metrics(params, run["run_id"], split_scores.metrics(split))
+            per_track.append(write_csv(run_dir / f"sdr_{split}.csv", split_scores.per_track))
+        add_artifacts(params, run["run_id"], per_track, folder="sdr")
+    return scores
+
+
+def add_artifacts(params: Params, run_id: str, paths: list[Path], folder: str | None = None) -> None:
+    """Store files with a run that already finished (what was made with its model afterwards), under `folder`."""
+    client = MlflowClient(tracking.tracking_uri(params))
+    for path in paths:
+        client.log_artifact(run_id, str(path), folder)

@@ -8,6 +8,9 @@ and leaves its best weights and its result beside the job file for the process t
 from __future__ import annotations
 
 import io
+import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +43,20 @@ def job_payload(params: Params, job: RunJob, run_dir: Path, sets: dict[str, Feat
     torch.save({"kind": "classifier", "params": params, "job": job, "run_dir": run_dir, "train": sets["train"],
                 "val": sets["val"], "tp": tp}, buffer)
     return buffer.getvalue()
+
+
+def die_with_parent(parent: int) -> None:
+    """Start of a worker process: have Linux kill it when `parent` (the process that started it) dies.
+
+    A `make run` killed mid-run takes its notebook's kernel with it; without this its workers would train on,
+    orphaned, writing into the run folders that the next `make run` resumes from.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before that took effect
+        os._exit(1)
 
 
 def fit_in_worker(payload: bytes) -> FitResult:

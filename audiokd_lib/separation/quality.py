@@ -87,6 +87,12 @@ class SeparationScores:
         wide["rtf"] = [self.seconds[m] / self.audio_seconds if m in self.seconds else np.nan for m in wide.index]
         return wide
 
+    def metrics(self, split: str) -> dict[str, float]:
+        """The table as MLflow metrics of one split: `<split>_sdr_<stem>_<method>` (e.g. test_sdr_average_CRNN,
+        test_sdr_gain_over_mixture_ideal_ratio_mask) and `<split>_rtf_<method>`; no NaN (a separator's RTF only)."""
+        return {f"{split}_{'rtf' if column == 'rtf' else f'sdr_{column}'}_{method.replace(' ', '_')}": float(value)
+                for method, row in self.table().iterrows() for column, value in row.items() if pd.notna(value)}
+
 
 def evaluate(table: pd.DataFrame, separators: dict[str, nn.Module], n_fft: int, hop: int, sample_rate: int,
              segment_seconds: float | None = None, overlap: float = 0.25, device: str | None = None,

@@ -2,23 +2,28 @@
 
 :func:`select_stems` maps predicted instruments (OpenMIC-2018 classes) to a separator's stems and
 :func:`write_selection` writes only those, with a manifest that says what was chosen, why, and what
-the mapping cannot do.
+the mapping cannot do; :func:`separate_and_choose` runs the whole hand-over for one file.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch import nn
 
-from audiokd_lib.audio.loading import save_audio
+from audiokd_lib.audio.loading import load_audio, save_audio
+from audiokd_lib.classify import classify_file
 from audiokd_lib.core.files import atomic_folder, write_json
+from audiokd_lib.core.params import SeparationParams
 from audiokd_lib.data.taxonomy import OPENMIC_CLASSES
+from audiokd_lib.models.classifier import Classifier
 from audiokd_lib.separation.crnn import FOUR_STEMS
-from audiokd_lib.separation.separator import SIX_STEMS, Separation
+from audiokd_lib.separation.separator import SIX_STEMS, Separation, separate
 
 # Instruments a separator's stems are named after, where the OpenMIC class has another name.
 STEM_OF_CLASS = {"voice": "vocals", "cymbals": "drums", "drums": "drums", "bass": "bass", "guitar": "guitar",
@@ -137,3 +142,29 @@ def write_selection(out_dir: str | Path, track: str, separation: Separation, sel
             "files": {s: f"{s}.wav" for s in selection.chosen}, **selection.as_dict(), **(info or {}),
         })
     return target
+
+
+def separate_and_choose(separator: nn.Module, classifier: Classifier, path: str | Path, out_dir: str | Path,
+                        track: str, sp: SeparationParams, info: dict[str, Any]) -> dict[str, Any]:
+    """The whole hand-over for one file, as `audiokd separate` runs it: separate it (in `sp`'s segments), score
+    its instruments with `classifier` (windows combined), choose the stems at `sp.threshold` and write them
+    with their manifest to `out_dir/track`; return the manifest.
+
+    `info` (the input, the separator's and classifier's runs, ...) goes into the manifest. A folder written
+    before with the same `info` and settings, all its stems present, is kept: nothing is separated again.
+    """
+    info = {**info, "segment_seconds": sp.segment_seconds, "overlap": sp.overlap}
+    folder = Path(out_dir) / track
+    if (folder / "manifest.json").is_file():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        if (all(manifest.get(k) == json.loads(json.dumps(v)) for k, v in info.items())
+                and manifest["threshold"] == sp.threshold
+                and all((folder / name).is_file() for name in manifest["files"].values())):
+            return manifest
+    separation = separate(separator, load_audio(path, separator.samplerate, mono=False), separator.samplerate,
+                          sp.segment_seconds, sp.overlap)
+    prediction = classify_file(classifier, path, top_k=len(classifier.classes))
+    selection = select_stems(dict(prediction.top), sp.threshold, separator.sources)
+    # overwrite=True: a folder that does not match these inputs is an earlier output of this same step
+    folder = write_selection(out_dir, track, separation, selection, info, overwrite=True)
+    return json.loads((folder / "manifest.json").read_text())
