@@ -39,6 +39,7 @@ import torch
 from IPython.display import Image, Markdown, display
 
 from audiokd_lib.compress import export, prune, soft_labels
+from audiokd_lib.core.files import cached
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
 from audiokd_lib.experiment import evaluation, report, runs
@@ -137,21 +138,33 @@ display(Markdown(report.headline(params, table)))
 # %% [markdown]
 # ## Shipping the final student: ONNX
 #
-# The structured-pruned, re-distilled student is the one to ship (`report.final_student` finds its run by what
-# its checkpoint says: pruned structurally at `prune.channel_ratio`, then re-distilled). ONNX (opset 17) carries it out of
-# PyTorch: the network only, from log-mel features to logits, with the class names and front-end
-# settings in the file's metadata. The log-mel front end stays outside: ONNX has no complex STFT, and
-# an app computes its features natively anyway. The export is checked against PyTorch on real test
+# The structured-pruned, re-distilled student is the one to ship (`report.final_student` finds its run by
+# what its checkpoint says: pruned structurally at `prune.channel_ratio`, then re-distilled). ONNX (opset 17)
+# carries it out of PyTorch: the network only, from log-mel features to logits, with the class names and
+# front-end settings in the file's metadata. The log-mel front end stays outside: ONNX has no complex STFT,
+# and an app computes its features natively anyway. The export is checked against PyTorch on real test
 # clips (largest logit difference, cosine similarity, the same top class) and both are timed on the
 # CPU with the same threads.
 
 # %%
 final_run = report.final_student(params)
-final = checkpoints.load_checkpoint(runs.checkpoint_path(params, final_run["model"]))
-onnx_file = export.export_onnx(final, sets["val"].features[:1], params.output_dir / "models" / "final_student.onnx")
-display(pd.Series(export.check_onnx(final, onnx_file, sets["test"].features[:64]), name=onnx_file.name))
-display(pd.DataFrame(export.time_onnx(final, onnx_file, sets["test"].features[:32], threads=params.threads))
-        .rename_axis("batch").round(3))
+checkpoint = runs.checkpoint_path(params, final_run["model"])
+final = checkpoints.load_checkpoint(checkpoint)
+onnx_file = params.output_dir / "models" / "final_student.onnx"
+
+
+def export_and_compare() -> tuple[dict, dict]:
+    export.export_onnx(final, sets["val"].features[:1], onnx_file)
+    return (export.check_onnx(final, onnx_file, sets["test"].features[:64]),
+            export.time_onnx(final, onnx_file, sets["test"].features[:32], threads=params.threads))
+
+
+# Once per final checkpoint, clips and threads (and again if the file is gone): a second run reads both back.
+checked, timed = cached(onnx_file.with_suffix(".check.pkl"),
+                        evaluation.result_key(sets, [checkpoint], threads=params.threads), export_and_compare,
+                        needs=[onnx_file])
+display(pd.Series(checked, name=onnx_file.name))
+display(pd.DataFrame(timed).rename_axis("batch").round(3))
 
 # %% [markdown]
 # The same comparison for whole models, side by side in one process per model, is a command:

@@ -198,3 +198,5 @@ def test_a_result_is_computed_once_per_key(tmp_path):
     assert cached(path, "key-b", compute)["score"].item() == 1.0 and len(calls) == 2  # other inputs: again
     path.write_bytes(b"half a file")  # whatever is there, a file that does not read is computed again
     assert cached(path, "key-b", compute)["score"].item() == 1.5 and len(calls) == 3
+    export = tmp_path / "model.onnx"  # a file the computation writes besides its value: reused while it exists
+    assert cached(path, "key-b", compute, needs=[export])["score"].item() == 2.0 and len(calls) == 4

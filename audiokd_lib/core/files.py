@@ -10,7 +10,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -85,15 +85,17 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
-def cached(path: str | Path, key: str, compute: Callable[[], T]) -> T:
+def cached(path: str | Path, key: str, compute: Callable[[], T], needs: Iterable[str | Path] = ()) -> T:
     """What `compute()` returned when it last ran on inputs of this `key`, read back from `path`; when the key
     differs (or nothing is saved yet) it runs now and its value is saved there, atomically, with the key.
 
     The key names everything the value depends on: settings, data fingerprint, model checkpoint hash
-    (e.g. :func:`~audiokd_lib.core.tracking.settings_key` of them). The file is a pickle of our own making.
+    (e.g. :func:`~audiokd_lib.core.tracking.settings_key` of them). `needs`: files that `compute` writes
+    besides its value (an export); the value is reused only while they exist. The file is a pickle of our
+    own making.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_file() and all(Path(p).is_file() for p in needs):
         with contextlib.suppress(OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError):
             with open(path, "rb") as handle:
                 saved = pickle.load(handle)  # written by this function, in this project's outputs

@@ -88,7 +88,8 @@ def result_key(data: dict[str, FeatureSet] | str, checkpoints: Iterable[str | Pa
     if not isinstance(data, str):
         digest = hashlib.sha256()
         for split in sorted(data):
-            digest.update(split.encode() + "\n".join(data[split].paths).encode() + data[split].targets.numpy().tobytes())
+            clips = data[split]
+            digest.update(split.encode() + "\n".join(clips.paths).encode() + clips.targets.numpy().tobytes())
         data = digest.hexdigest()[:12]
     plain = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in settings.items()}
     return tracking.settings_key({"data": data, "checkpoints": [file_digest(c) for c in checkpoints], **plain})
