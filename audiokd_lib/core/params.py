@@ -455,7 +455,7 @@ class SearchParams(_Section):
 
 
 class DistributedParams(_Section):
-    # Several processes train one run data-parallel (experiment/distributed.py), started by torchrun:
+    # Several processes train one run data-parallel (core/distributed.py), started by torchrun:
     # one per GPU on a GPU machine. 1: a run trains in one process.
     processes: int = Field(1, ge=1, description="processes (GPUs, or CPU cores) that train one run together")
 
