@@ -44,13 +44,14 @@ import torch.nn.functional as F
 from IPython.display import Markdown, display
 
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.beats import decode, reuse, stream, track
+from audiokd_lib.beats import decode, stream, track
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.model import BeatModel
 from audiokd_lib.beats.pieces import render_beat_pieces
 from audiokd_lib.core import plots
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
+from audiokd_lib.models.reuse import add_scores
 
 params = load_params(params_file)
 bp = params.beats
@@ -160,33 +161,7 @@ pd.DataFrame({name: {"params": sum(p.numel() for p in m.net.parameters()), "caus
 # decoders' settings) and read back while that key is the same.
 
 # %%
-dbn = decode.dbn_for(bp, fps)
-tested = {split: sets[split] for split in ("test", "heldout", "real") if split in sets}
-
-
-def score(model: BeatModel) -> list[dict]:
-    """One row per split and decoder: peak picking at every threshold, then the DBN."""
-    rows = []
-    for split, data in tested.items():
-        acts = beatnet.predict(model, data)
-        truth, truth_down = [p.beats for p in data], [p.downbeats for p in data]
-        for threshold in bp.thresholds:
-            found = decode.evaluate([decode.pick_peaks(a[:, 0], threshold, fps) for a in acts], truth,
-                                    [decode.pick_peaks(a[:, 1], threshold, fps) for a in acts], truth_down)
-            rows.append({"split": split, "decoder": f"peaks {threshold:g}", "key": f"peaks{threshold:g}", **found})
-        found = decode.evaluate_dbn(acts, truth, truth_down, dbn, bp.bar_lengths)
-        rows.append({"split": split, "decoder": "DBN", "key": "dbn", **found})
-    return rows
-
-
-pieces_key = {split: reuse.pieces_digest(data, "key", "features", "beats", "downbeats") for split, data in tested.items()}
-rows = [{"model": name, **row} for name, model in models.items()
-        for row in reuse.cached(params.output_dir / "beats" / f"scores-{name}.pkl",
-                                {"model": reuse.digest(model.net), "pieces": pieces_key, "beats": bp.model_dump()},
-                                lambda: score(model))]
-scores = {name: {f"{r['split']}_{r['key']}_{k.replace(' ', '_')}": r[k] for r in rows if r["model"] == name
-                 for k in ("F", "CMLt", "AMLt", "downbeat F") if k in r} for name in models}
-results = pd.DataFrame(rows).drop(columns="key")
+results = beatnet.score_trackers(params, models, sets)
 display(results.pivot_table(index=["model", "decoder"], columns="split", values=["F", "downbeat F"],
                             sort=False).round(3))
 display(results[results["decoder"] == "DBN"].set_index(["model", "split"]).round(3))
@@ -226,6 +201,7 @@ display(Markdown(
 
 # %%
 piece = sets[split][0]
+dbn = decode.dbn_for(bp, fps)
 fig, axes = plt.subplots(2, 1, figsize=(10, 4), sharex=True)
 seconds = np.arange(len(piece.features)) / fps
 for ax, name in zip(axes, ("teacher", "student-kd")):
@@ -254,8 +230,9 @@ plt.show()
 # `heldout_peaks0.5_downbeat_F`, ...) is added to it now (a score it already holds is not written again).
 
 # %%
+scores = beatnet.run_scores(results)  # the scores of section 4, by MLflow name: heldout_dbn_F, ...
 for name, fit in fits.items():
-    added = reuse.add_scores(params, fit, scores[name])
+    added = add_scores(params, fit, scores[name])
     print(f"beats-{name}: MLflow run {fit.run_id[:8]}, {len(added)} scores added")
 
 # %% [markdown]
@@ -317,9 +294,7 @@ print(f"online beats: {len(online)}; mir_eval F against the truth: "
 
 # %%
 onnx_path = params.output_dir / "models" / "beats-student-kd" / "step.onnx"
-parity = reuse.cached(onnx_path.with_suffix(".check.pkl"), {"model": reuse.digest(student.net), "piece": piece.key},
-                      lambda: stream.check_step(student, stream.export_step(student, onnx_path), piece.features),
-                      needs=[onnx_path])
+parity = stream.export_checked_step(student, onnx_path, piece)
 print(f"{onnx_path.name}: largest difference {parity['max_abs_diff']:.1e}, MSE {parity['mse']:.1e}; "
       f"a step takes {parity['pytorch_ms']:.3f} ms in PyTorch, {parity['onnxruntime_ms']:.3f} ms in ONNX Runtime")
 

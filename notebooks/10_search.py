@@ -40,7 +40,6 @@ params_file = "params/quick.yaml"
 # %%
 import matplotlib.pyplot as plt
 import numpy as np
-import optuna
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -48,23 +47,21 @@ from IPython.display import Markdown, display
 from torch import nn
 
 from audiokd_lib.audio.loading import load_audio
-from audiokd_lib.beats import reuse
 from audiokd_lib.core import plots
-from audiokd_lib.core.files import file_digest
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import tables
+from audiokd_lib.models.reuse import add_scores
 from audiokd_lib.search import export
 from audiokd_lib.search import model as embedding
-from audiokd_lib.search.collection import evaluate, render_collection, search_sets
+from audiokd_lib.search.collection import compare_rerankers, model_scores, render_collection, search_sets
 from audiokd_lib.search.features import MODALITIES, cached_features
-from audiokd_lib.search.index import SearchIndex, benchmark
+from audiokd_lib.search.index import SearchIndex, scaling_benchmark
 from audiokd_lib.search.metrics import mmr, prf
 
 params = load_params(params_file)
 sp, rate = params.search, params.beats.pieces.sample_rate
 torch.set_num_threads(params.threads)
 device = "cuda" if torch.cuda.is_available() else "cpu"  # mixed precision on CUDA
-store = params.output_dir / "search"  # results kept by their settings, computed again only when those change
 
 # %% [markdown]
 # ## 1 · The collection
@@ -107,8 +104,6 @@ axes[0].set_ylabel(within.items["sample_key"].iloc[0])
 fig.tight_layout()
 plots.save_fig(fig, params, "10_views")
 plt.show()
-data_key = embedding.recordings_digest(train, val)  # what training learns from: part of every model's settings
-tests_key = reuse.digest([[s.items["group"].to_numpy(), dict(s.features)] for s in (within, twin_queries, catalogue)])
 
 # %% [markdown]
 # ### Gated fusion, in code
@@ -205,29 +200,9 @@ def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 
 # %%
-def trial_score(trial: optuna.Trial) -> float:
-    model = embedding.build(sp, rate, seed=params.seed)
-    fit = embedding.train_embedding(model, train, val, sp, params.seed, loss="supcon", progress=False, device=device,
-                                    lr=trial.suggest_float("lr", 1e-3, 1e-2, log=True),
-                                    supcon_temperature=trial.suggest_float("supcon_temperature", 0.02, 0.2, log=True),
-                                    epochs=sp.optuna_epochs)
-    return fit.best["mAP"]
-
-
-def run_study() -> pd.DataFrame:
-    """Every trial: its lr, its supcon_temperature and its validation mAP; the profile's own values first."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=params.seed))
-    study.enqueue_trial({"lr": sp.train.lr, "supcon_temperature": sp.supcon_temperature})
-    study.optimize(trial_score, n_trials=sp.optuna_trials, show_progress_bar=True)
-    return (study.trials_dataframe()[["number", "params_lr", "params_supcon_temperature", "value"]]
-            .rename(columns={"params_lr": "lr", "params_supcon_temperature": "supcon_temperature", "value": "val mAP"}))
-
-
 chosen = {"lr": sp.train.lr, "supcon_temperature": sp.supcon_temperature}
 if sp.optuna_trials:
-    trials = reuse.cached(store / "optuna.pkl", {"search": sp.model_dump(), "seed": params.seed, "data": data_key,
-                                                "device": device}, run_study)
+    trials = embedding.tune(params, train, val, device=device)
     display(trials.round(4))
     chosen = trials.loc[trials["val mAP"].idxmax(), ["lr", "supcon_temperature"]].to_dict()
 print("chosen:", {k: round(v, 4) for k, v in chosen.items()})
@@ -265,7 +240,7 @@ for name, (width, loss, teacher) in recipes.items():
     models[name] = embedding.build(sp, rate, width=width, seed=params.seed)
     fits[name] = embedding.fit_embedding(params, f"search-{name}", models[name], train, val, loss, models.get(teacher),
                                          lr=chosen["lr"], supcon_temperature=chosen["supcon_temperature"],
-                                         data=data_key, params_file=params_file, device=device)
+                                         params_file=params_file, device=device)
     print(f"{name}: {models[name].params():,} parameters, best epoch {fits[name].best_epoch} of "
           f"{len(fits[name].history)}, {fits[name].history['seconds'].sum():.0f} s"
           + (" (reused: trained before with these settings)" if fits[name].reused else ""))
@@ -284,8 +259,7 @@ for name, (width, loss, teacher) in recipes.items():
 # %%
 rows, scores = [], {}
 for name, model in models.items():
-    scores[name] = {f"val_{k}": v for k, v in fits[name].best.items()} | reuse.cached(
-        store / f"scores-{name}.pkl", {"model": reuse.digest(model.net), "sets": tests_key}, lambda: evaluate(model, sets))
+    scores[name] = {f"val_{k}": v for k, v in fits[name].best.items()} | model_scores(params, name, model, sets)
     rows.append({"model": name, "params": model.params(), "MACs a segment": int(fits[name].run["macs"]),
                  **{k.replace("_", " "): scores[name][k] for k in (
                      "val_recall@5", "val_mAP", "within_recall@1", "within_recall@5", "within_recall@10",
@@ -354,7 +328,7 @@ pd.DataFrame(gates).T.round(3)
 
 # %%
 for name, fit in fits.items():
-    added = reuse.add_scores(params, fit, scores[name])
+    added = add_scores(params, fit, scores[name])
     print(f"search-{name}: MLflow run {fit.run_id[:8]}, {len(added)} scores added")
 model_path = embedding.ship(params.output_dir / "models" / f"search-{shipped}" / "model.pt",
                             params.output_dir / "models" / "search-student" / "model.pt")
@@ -369,9 +343,7 @@ model_path = embedding.ship(params.output_dir / "models" / f"search-{shipped}" /
 
 # %%
 onnx_path = model_path.with_suffix(".onnx")
-parity = reuse.cached(store / "onnx-check.pkl", {"model": file_digest(model_path), "segments": tests_key},
-                      lambda: export.check_onnx(models[shipped], export.export_onnx(models[shipped], onnx_path),
-                                                within.features), needs=[onnx_path])
+parity = export.export_checked_onnx(models[shipped], onnx_path, within.features)
 print(f"{onnx_path.name}: MSE {parity['mse']:.1e} (target under 1e-5), lowest cosine {parity['min_cosine']:.7f} "
       f"(target above 0.9999) over {parity['segments']} segments; one segment takes "
       f"{parity['pytorch_ms']:.2f} ms in PyTorch, {parity['onnxruntime_ms']:.2f} ms in ONNX Runtime")
@@ -391,8 +363,7 @@ print(f"{onnx_path.name}: MSE {parity['mse']:.1e} (target under 1e-5), lowest co
 
 # %%
 identity = embedding.identity(model_path, models[shipped].spec)
-vectors = reuse.cached(store / "catalogue-vectors.pkl", {"model": identity["sha256"], "segments": tests_key},
-                       lambda: export.runtime(model_path)(catalogue.features))
+vectors = export.embed_catalogue(params, model_path, catalogue)  # as the command line embeds: ONNX Runtime
 index = SearchIndex.build(vectors, catalogue.items[["sample_key", "soundfont", "group", "start", "path"]], identity)
 index_dir = index.save(params.output_dir / "search" / "index")
 scores_found, ids = index.search(vectors[0], sp.top)
@@ -400,11 +371,7 @@ assert ids[0] == 0, "the index must find an item itself first"
 
 tricks = {"plain": None, f"PRF (k={sp.prf_k})": prf(sp.prf_k),
           f"MMR (lambda={sp.mmr_lambda:g})": mmr(sp.mmr_lambda, sp.top)}
-trick_rows = reuse.cached(
-    store / "tricks.pkl", {"model": identity["sha256"], "segments": tests_key, "tricks": list(tricks), "top": sp.top},
-    lambda: [{"query": trick, **{k.replace("_", " "): v for k, v in evaluate(models[shipped], sets, rerank).items()}}
-             for trick, rerank in tricks.items()])
-display(pd.DataFrame(trick_rows).set_index("query").round(3))
+display(compare_rerankers(params, models[shipped], sets, tricks).round(3))
 
 # %% [markdown]
 # ## 7 · Exact or approximate, as the catalogue grows
@@ -415,9 +382,7 @@ display(pd.DataFrame(trick_rows).set_index("query").round(3))
 # one query on one thread, and the share of the exact top 10 each approximate index returns.
 
 # %%
-bench = reuse.cached(store / "index-bench.pkl", {"index": sp.index.model_dump(), "dim": sp.embedding_dim,
-                                                "seed": params.seed}, lambda: benchmark(sp.index, sp.embedding_dim,
-                                                                                        seed=params.seed))
+bench = scaling_benchmark(params)
 display(bench.round(4))
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
 for kind, part in bench.groupby("index", sort=False):

@@ -19,10 +19,12 @@ import warnings
 import pandas as pd
 import torch
 
-from audiokd_lib.beats import decode, reuse
+from audiokd_lib.beats import decode
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import render_beat_pieces
+from audiokd_lib.core.files import cached, digest
 from audiokd_lib.core.params import profile_params
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.data.tables import data_dir, plan_soundfonts
 
 
@@ -53,15 +55,15 @@ def main() -> None:
         return found
 
     folder = params.output_dir / "ablations" / "beats"
-    data = reuse.pieces_digest([p for split in sets.values() for p in split], "key", "features", "targets", "beats")
+    data = beatnet.pieces_digest([p for split in sets.values() for p in split], "key", "features", "targets", "beats")
 
     def trained_teacher() -> dict:
         beatnet.set_normalisation(teacher, sets["train"])
         beatnet.train_beats(teacher, sets["train"], sets["val"], bp, params.seed, progress=False)
         return {"weights": teacher.net.state_dict(), "scores": scores(teacher)}
 
-    kept = reuse.cached(folder / "teacher.pkl", {"beats": bp.model_dump(), "seed": params.seed, "data": data},
-                        trained_teacher)
+    kept = cached(folder / "teacher.pkl", settings_key({"beats": bp.model_dump(), "seed": params.seed, "data": data}),
+                  trained_teacher)
     teacher.net.load_state_dict(kept["weights"])
     rows = [{"model": "teacher", "alpha": None, "seed": params.seed, **kept["scores"]}]
     print(json.dumps(rows[0]), flush=True)
@@ -79,10 +81,10 @@ def main() -> None:
     for alpha in args.alphas:
         recipe = bp.model_copy(update={"kd_alpha": alpha})
         for seed in args.seeds:
-            found = reuse.cached(folder / f"student-alpha{alpha:g}-seed{seed}.pkl",
-                                 {"beats": recipe.model_dump(), "seed": seed, "data": data,
-                                  "teacher": reuse.digest(teacher.net) if alpha > 0 else None},
-                                 lambda: student_scores(recipe, alpha, seed))
+            found = cached(folder / f"student-alpha{alpha:g}-seed{seed}.pkl",
+                           settings_key({"beats": recipe.model_dump(), "seed": seed, "data": data,
+                                         "teacher": digest(teacher.net) if alpha > 0 else None}),
+                           lambda: student_scores(recipe, alpha, seed))
             rows.append({"model": "student", "alpha": alpha, "seed": seed, **found})
             print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)

@@ -21,8 +21,9 @@ import json
 import pandas as pd
 import torch
 
-from audiokd_lib.beats import reuse
+from audiokd_lib.core.files import cached, digest
 from audiokd_lib.core.params import profile_params
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.data.tables import plan_soundfonts
 from audiokd_lib.search import model as embedding
 from audiokd_lib.search.collection import evaluate, render_collection, search_sets
@@ -45,8 +46,7 @@ def main() -> None:
                                               progress=False), sp, rate)
     rows, folder = [], params.output_dir / "ablations" / "search"
     data = embedding.recordings_digest(sets.train, sets.val)
-    tests = reuse.digest([[s.items["group"].to_numpy(), dict(s.features)]
-                          for s in (sets.within, sets.twin_queries, sets.catalogue)])
+    tests = sets.tests_key
 
     def report(model_name: str, variant: str, seed: int, found: dict):
         row = {"model": model_name, "variant": variant, "seed": seed, **found["scores"]}
@@ -60,19 +60,19 @@ def main() -> None:
 
     for seed in args.seeds:
         teacher = embedding.build(sp, rate, width=sp.teacher_width, seed=seed)
-        found = reuse.cached(folder / f"teacher-seed{seed}.pkl",
-                             {"search": sp.model_dump(), "seed": seed, "data": data, "tests": tests},
-                             lambda: trained(teacher, sp, seed))
+        found = cached(folder / f"teacher-seed{seed}.pkl",
+                       settings_key({"search": sp.model_dump(), "seed": seed, "data": data, "tests": tests}),
+                       lambda: trained(teacher, sp, seed))
         teacher.net.load_state_dict(found["weights"])
         report("teacher", "-", seed, found)
         for variant in args.variants:
             kind, _, alpha = variant.partition(":")
             recipe = sp if kind == "none" else sp.model_copy(update={"kd_loss": kind, "kd_alpha": float(alpha)})
             student = embedding.build(recipe, rate, seed=seed)
-            found = reuse.cached(folder / f"student-{variant.replace(':', '-')}-seed{seed}.pkl",
-                                 {"search": recipe.model_dump(), "variant": variant, "seed": seed, "data": data,
-                                  "tests": tests, "teacher": None if kind == "none" else reuse.digest(teacher.net)},
-                                 lambda: trained(student, recipe, seed, None if kind == "none" else teacher))
+            found = cached(folder / f"student-{variant.replace(':', '-')}-seed{seed}.pkl",
+                           settings_key({"search": recipe.model_dump(), "variant": variant, "seed": seed, "data": data,
+                                         "tests": tests, "teacher": None if kind == "none" else digest(teacher.net)}),
+                           lambda: trained(student, recipe, seed, None if kind == "none" else teacher))
             report("student", variant, seed, found)
     frame = pd.DataFrame(rows)
     summary = frame.groupby(["model", "variant"], sort=False)[SHOWN].agg(["mean", "std"]).round(3)

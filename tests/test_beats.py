@@ -9,12 +9,13 @@ import soundfile as sf
 import torch
 from conftest import ROOT
 
-from audiokd_lib.beats import decode, reuse, stream
+from audiokd_lib.beats import decode, stream
 from audiokd_lib.beats import model as beatnet
 from audiokd_lib.beats.pieces import METRES, beat_times, compose, read_beats, render_beat_pieces
 from audiokd_lib.cli import main
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data.tables import plan_soundfonts
+from audiokd_lib.models.reuse import add_scores
 
 FPS = 50.0
 
@@ -269,8 +270,33 @@ def test_a_second_fit_with_the_same_settings_reuses_the_run(smoke_profile, monke
         beatnet.fit_beats(params, "beats-student-labels", beatnet.build(params.beats, "student", seed=0), sets,
                           teacher=first_model)
     # Scores measured later go to the run once.
-    assert reuse.add_scores(params, again, {"test_dbn_F": 0.5}) == {"test_dbn_F": 0.5}
-    assert reuse.add_scores(params, again, {"test_dbn_F": 0.5}) == {}
+    assert add_scores(params, again, {"test_dbn_F": 0.5}) == {"test_dbn_F": 0.5}
+    assert add_scores(params, again, {"test_dbn_F": 0.5}) == {}
+
+
+def test_scores_are_kept_by_the_key_of_the_weights_and_pieces_and_named_for_mlflow(smoke_profile, monkeypatch):
+    params = load_params(smoke_profile)
+    pieces = click_pieces(params.beats, 2)
+    models = {"student": student_for(params.beats, pieces)}
+    sets = {"train": pieces, "test": pieces[:1], "heldout": pieces[1:]}
+    first = beatnet.score_trackers(params, models, sets)
+    decoders = [f"peaks {t:g}" for t in params.beats.thresholds] + ["DBN"]
+    assert list(first["split"]) == ["test"] * len(decoders) + ["heldout"] * len(decoders)  # never train
+    assert list(first["decoder"]) == decoders * 2 and first[["F", "downbeat F"]].stack().between(0, 1).all()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(beatnet, "score_pieces", refuse)
+    pd.testing.assert_frame_equal(beatnet.score_trackers(params, models, sets), first)  # read back
+    with torch.no_grad():
+        models["student"].net.out.bias += 1.0
+    with pytest.raises(AssertionError, match="scored again"):  # other weights: scored again
+        beatnet.score_trackers(params, models, sets)
+    scores = beatnet.run_scores(first)["student"]
+    dbn = first[(first["split"] == "heldout") & (first["decoder"] == "DBN")].iloc[0]
+    assert scores["heldout_dbn_F"] == dbn["F"] and scores["heldout_dbn_downbeat_F"] == dbn["downbeat F"]
+    assert len(scores) == 4 * len(first) and "test_peaks0.5_CMLt" in scores
 
 
 def test_cli_writes_beats_and_clicks_and_handles_bad_input(smoke, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Notebook 10's similarity search: the gate, both metric losses by hand, training, ONNX, the index and its
-identity, feedback and MMR on toy vectors, the feature cache, twin renders, and the command line."""
+identity, feedback and MMR on toy vectors, the feature cache, results kept by their inputs, twin renders, and
+the command line."""
 
 from __future__ import annotations
 
@@ -383,3 +384,52 @@ def test_without_a_second_soundfont_validation_searches_itself_and_twins_are_not
     assert math.isnan(scores["twin_mAP"]) and math.isnan(scores["twin_recall@1"])
     with pytest.raises(ValueError, match="no `val` pieces"):
         search_sets(table[table["split"] != "val"], [r.features for r in recs[:3] + recs[5:]], SP, RATE)
+
+
+def test_what_notebook_10_measures_is_kept_by_the_key_of_its_inputs(smoke_profile, tmp_path, monkeypatch):
+    """The Optuna study, a model's test scores, the re-ranker table, the ONNX check and the index benchmark
+    are computed once and read back while their inputs (weights, segments, settings) are the same."""
+    from audiokd_lib.search import collection, index
+
+    frames = 3 * features.segment_frames(SP, RATE)
+    recs = _recordings(6, 1, frames)
+    table = pd.DataFrame({"sample_key": [f"p{i}" for i in range(6)], "group": range(6), "timbre": "training",
+                          "split": ["train", "train", "train", "val", "val", "test"]})
+    sets = collection.search_sets(table, [r.features for r in recs], SP, RATE)
+    sp = SP.model_copy(update={"optuna_trials": 1, "optuna_epochs": 1,
+                               "index": SearchIndexParams(sizes=[300], queries=5, nlist=4)})
+    params = load_params(smoke_profile)
+    params = params.model_copy(update={"search": sp, "beats": params.beats.model_copy(
+        update={"pieces": params.beats.pieces.model_copy(update={"sample_rate": RATE})})})
+    model = embedding.build(sp, RATE, seed=0)
+    rerankers = {"plain": None, "PRF (k=2)": prf(2)}
+    first = {"trials": embedding.tune(params, sets.train, sets.val),
+             "scores": collection.model_scores(params, "m", model, sets),
+             "rerankers": collection.compare_rerankers(params, model, sets, rerankers),
+             "onnx": export.export_checked_onnx(model, tmp_path / "m.onnx", sets.within.features),
+             "bench": index.scaling_benchmark(params)}
+    assert list(first["trials"].columns) == ["number", "lr", "supcon_temperature", "val mAP"]
+    assert list(first["rerankers"].index) == list(rerankers) and first["onnx"]["mse"] < 1e-10
+    assert first["scores"] == pytest.approx(collection.evaluate(model, sets), nan_ok=True)  # no twins: NaN
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed again")
+
+    for module, name in ((embedding, "train_embedding"), (collection, "evaluate"), (export, "check_onnx"),
+                         (index, "benchmark")):
+        monkeypatch.setattr(module, name, refuse)
+    again = {"trials": embedding.tune(params, sets.train, sets.val),
+             "scores": collection.model_scores(params, "m", model, sets),
+             "rerankers": collection.compare_rerankers(params, model, sets, rerankers),
+             "onnx": export.export_checked_onnx(model, tmp_path / "m.onnx", sets.within.features),
+             "bench": index.scaling_benchmark(params)}
+    for key in ("trials", "rerankers", "bench"):
+        pd.testing.assert_frame_equal(again[key], first[key])
+    assert again["scores"] == pytest.approx(first["scores"], nan_ok=True) and again["onnx"] == first["onnx"]
+    (tmp_path / "m.onnx").unlink()
+    with pytest.raises(AssertionError, match="computed again"):  # the export is gone: exported and checked again
+        export.export_checked_onnx(model, tmp_path / "m.onnx", sets.within.features)
+    with torch.no_grad():
+        model.net.project.weight.add_(1.0)
+    with pytest.raises(AssertionError, match="computed again"):  # other weights: measured again
+        collection.model_scores(params, "m", model, sets)

@@ -13,7 +13,9 @@
   validation beat and downbeat F-measures. Distillation (:func:`distill_loss`) adds the teacher's activations
   as a second target (the teacher read the whole piece, so its activations carry what the future told it).
   The epochs, patience and resumable state are :class:`~audiokd_lib.core.loop.EpochLoop`'s;
-  :func:`fit_beats` reuses a finished run with the same settings (:mod:`~audiokd_lib.beats.reuse`).
+  :func:`fit_beats` reuses a finished run with the same settings (:mod:`~audiokd_lib.models.reuse`).
+- **Scores** (:func:`score_trackers`): every model on the test splits, decoded by peak picking and by the DBN
+  (:mod:`~audiokd_lib.beats.decode`), scored by mir_eval; kept by the key of the weights, pieces and settings.
 """
 
 from __future__ import annotations
@@ -33,12 +35,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from audiokd_lib.audio.loading import load_audio
+from audiokd_lib.beats import decode
 from audiokd_lib.beats.decode import evaluate, pick_peaks
 from audiokd_lib.beats.pieces import read_beats
-from audiokd_lib.beats.reuse import Fit, digest, pieces_digest, run_folder, train_or_reuse
+from audiokd_lib.core.files import cached, digest, run_folder
 from audiokd_lib.core.loop import EpochLoop
 from audiokd_lib.core.params import BeatsParams, Params
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
+from audiokd_lib.models.reuse import Fit, train_or_reuse
+
+TESTED = ("test", "heldout", "real")  # the splits models are scored on; none trains or selects a model
 
 
 class CausalFrontEnd(nn.Module):
@@ -186,6 +193,11 @@ def load_pieces(table: pd.DataFrame, frontend: CausalFrontEnd, progress: bool = 
     return pieces
 
 
+def pieces_digest(pieces: list[Piece], *fields: str) -> str:
+    """A fingerprint of pieces: the named fields (key, features, targets, beats, ...) of every piece, in order."""
+    return digest([[getattr(piece, f) for f in fields] for piece in pieces])
+
+
 def set_normalisation(model: BeatModel, pieces: list[Piece]) -> None:
     """Per-feature mean and spread of the training frames, kept in the network."""
     frames = torch.cat([p.features for p in pieces])
@@ -328,3 +340,51 @@ def macs_per_second(model: BeatModel) -> int:
         per_frame += directions * 3 * (width * hidden + hidden * hidden)  # three gates, input and recurrent
         width = hidden * directions
     return round(per_frame * fps)
+
+
+def score_pieces(model: BeatModel, pieces: list[Piece], bp: BeatsParams, dbn: decode.BeatDBN) -> list[dict]:
+    """mir_eval's scores of `model` on `pieces`, one row per decoder: peak picking at every threshold of
+    `bp.thresholds`, then the DBN with the bar HMM."""
+    acts, fps = predict(model, pieces), model.frontend.fps
+    truth, truth_down = [p.beats for p in pieces], [p.downbeats for p in pieces]
+    rows = []
+    for threshold in bp.thresholds:
+        found = evaluate([pick_peaks(a[:, 0], threshold, fps) for a in acts], truth,
+                         [pick_peaks(a[:, 1], threshold, fps) for a in acts], truth_down)
+        rows.append({"decoder": f"peaks {threshold:g}", **found})
+    found = decode.evaluate_dbn(acts, truth, truth_down, dbn, bp.bar_lengths)
+    rows.append({"decoder": "DBN", **found})
+    return rows
+
+
+def score_trackers(params: Params, models: dict[str, BeatModel], sets: dict[str, list[Piece]]) -> pd.DataFrame:
+    """Every model on every split of `sets` among :data:`TESTED`: one row per model, split and decoder
+    (:func:`score_pieces`) with beat F, CMLt, AMLt and downbeat F.
+
+    Each model's rows are kept in `outputs/<profile>/beats/scores/<name>.pkl` with the key of its weights,
+    the pieces and the beats settings, and read back while that key is the same.
+    """
+    bp, tested = params.beats, {split: sets[split] for split in TESTED if split in sets}
+    pieces_key = {split: pieces_digest(data, "key", "features", "beats", "downbeats") for split, data in tested.items()}
+
+    def score(model: BeatModel) -> list[dict]:
+        dbn = decode.dbn_for(bp, model.frontend.fps)
+        return [{"split": split, **row} for split, data in tested.items() for row in score_pieces(model, data, bp, dbn)]
+
+    def key(model: BeatModel) -> str:
+        return settings_key({"model": digest(model.net), "pieces": pieces_key, "beats": bp.model_dump()})
+
+    rows = [{"model": name, **row} for name, model in models.items()
+            for row in cached(params.output_dir / "beats" / "scores" / f"{name}.pkl", key(model), lambda: score(model))]
+    return pd.DataFrame(rows)
+
+
+def run_scores(results: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """:func:`score_trackers`' table as each model's MLflow scores, `<split>_<decoder>_<score>`: e.g.
+    `heldout_dbn_F`, `test_peaks0.5_downbeat_F`."""
+    scores: dict[str, dict[str, float]] = {}
+    for r in results.to_dict("records"):
+        decoder = r["decoder"].lower().replace(" ", "")  # DBN -> dbn, peaks 0.5 -> peaks0.5
+        scores.setdefault(r["model"], {}).update({f"{r['split']}_{decoder}_{k.replace(' ', '_')}": r[k]
+                                                  for k in ("F", "CMLt", "AMLt", "downbeat F") if pd.notna(r.get(k))})
+    return scores

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from audiokd_lib.beats.model import BeatModel
+from audiokd_lib.beats.model import BeatModel, Piece
 from audiokd_lib.compress.export import OPSET, onnx_session
-from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.files import atomic_path, cached, digest
+from audiokd_lib.core.tracking import settings_key
 
 
 def stream_step(model: BeatModel, window: torch.Tensor, previous: torch.Tensor, state: torch.Tensor | None
@@ -141,3 +142,12 @@ def check_step(model: BeatModel, path: str | Path, features: torch.Tensor, threa
     ours, theirs = np.concatenate(ours), np.concatenate(theirs)
     return {"max_abs_diff": float(np.abs(ours - theirs).max()), "mse": float(np.mean((ours - theirs) ** 2)),
             "pytorch_ms": 1000 * float(np.median(t_torch)), "onnxruntime_ms": 1000 * float(np.median(t_onnx))}
+
+
+def export_checked_step(model: BeatModel, path: str | Path, piece: Piece) -> dict[str, float]:
+    """The step exported to `path` (:func:`export_step`) and checked against PyTorch over `piece`
+    (:func:`check_step`). The check is kept beside the export (`.check.pkl`) with the key of the model's weights
+    and the piece: while both are the same and the export is there, nothing is exported or timed again."""
+    path = Path(path)
+    return cached(path.with_suffix(".check.pkl"), settings_key({"model": digest(model.net), "piece": piece.key}),
+                  lambda: check_step(model, export_step(model, path), piece.features), needs=[path])

@@ -1,5 +1,6 @@
-"""Where the project lives, writing files so that an interrupted run never leaves half a file, and results
-that cost kept on disk by the key of their inputs (:func:`cached`)."""
+"""Where the project lives, writing files so that an interrupted run never leaves half a file, the folder a
+training keeps its state in (:func:`run_folder`), and results that cost kept on disk by the key of their
+inputs (:func:`cached`, with :func:`digest` to fingerprint the tensors, arrays and models among them)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
 
 T = TypeVar("T")
 
@@ -39,6 +42,17 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def run_folder(run_dir: str | Path | None) -> Iterator[Path]:
+    """`run_dir`, or a temporary folder removed afterwards for a training nobody resumes (an Optuna trial):
+    where an :class:`~audiokd_lib.core.loop.EpochLoop` keeps its `last.pt`."""
+    if run_dir is not None:
+        yield Path(run_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="audiokd-run-") as tmp:
+        yield Path(tmp)
 
 
 @contextlib.contextmanager
@@ -83,6 +97,34 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def digest(*things: Any) -> str:
+    """A short sha256 of tensors, arrays, modules (their state_dict), dicts, lists, strings and numbers, in
+    order: the fingerprint of a model's weights or of a data set, for a key of :func:`cached` or of a run."""
+    h = hashlib.sha256()
+
+    def add(thing: Any) -> None:
+        if callable(getattr(thing, "state_dict", None)):  # a torch module (this file imports no torch)
+            thing = thing.state_dict()
+        if isinstance(thing, dict):
+            for key in sorted(thing):
+                h.update(str(key).encode())
+                add(thing[key])
+        elif isinstance(thing, (list, tuple)):
+            for item in thing:
+                add(item)
+        elif callable(getattr(thing, "detach", None)):  # a torch tensor
+            add(thing.detach().cpu().contiguous().numpy())
+        elif isinstance(thing, np.ndarray):
+            h.update(str((thing.dtype, thing.shape)).encode())
+            h.update(np.ascontiguousarray(thing).tobytes())
+        else:
+            h.update(repr(thing).encode())
+
+    for thing in things:
+        add(thing)
+    return h.hexdigest()[:16]
 
 
 def cached(path: str | Path, key: str, compute: Callable[[], T], needs: Iterable[str | Path] = ()) -> T:

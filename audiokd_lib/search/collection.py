@@ -10,21 +10,27 @@ in other timbres:
   soundfont: each unseen composition then exists in both, and its held-out-soundfont recording must
   find its training-soundfont *twin* (cross-timbre retrieval). No model ever hears the held-out soundfont
   before it is tested.
+
+:func:`evaluate` scores a model on those tests; :func:`model_scores` and :func:`compare_rerankers` keep what it
+measured by the key of the model's weights and the test segments (:attr:`SearchSets.tests_key`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import pandas as pd
 
 from audiokd_lib.beats.pieces import render_beat_pieces, render_versions
-from audiokd_lib.core.files import write_csv
+from audiokd_lib.core.files import cached, digest, write_csv
 from audiokd_lib.core.params import Params, SearchParams
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.data import tables
 from audiokd_lib.search.features import Segments, make_segments
 from audiokd_lib.search.metrics import retrieval_scores
-from audiokd_lib.search.model import Recording
+from audiokd_lib.search.model import Embedder, Recording
 
 COLUMNS = ["sample_key", "path", "soundfont", "group", "split", "timbre"]
 
@@ -76,6 +82,12 @@ class SearchSets:
     twin_queries: Segments
     catalogue: Segments
 
+    @cached_property
+    def tests_key(self) -> str:
+        """A fingerprint of the test segments (within, twin queries, catalogue): their groups and features."""
+        return digest([[s.items["group"].to_numpy(), dict(s.features)]
+                       for s in (self.within, self.twin_queries, self.catalogue)])
+
 
 def search_sets(table: pd.DataFrame, features: list[dict], sp: SearchParams, sample_rate: int) -> SearchSets:
     """Split the collection's recordings (and their cached features) into the sets above."""
@@ -110,3 +122,23 @@ def evaluate(model, sets: SearchSets, rerank=None) -> dict[str, float]:
     twin = retrieval_scores(model(sets.twin_queries.features), sets.twin_queries.items["group"].to_numpy(),
                             model(sets.catalogue.features), sets.catalogue.items["group"].to_numpy(), rerank=rerank)
     return scores | {f"twin_{k}": v for k, v in twin.items()}
+
+
+def model_scores(params: Params, name: str, model: Embedder, sets: SearchSets) -> dict[str, float]:
+    """:func:`evaluate` of the model `name`, kept in `outputs/<profile>/search/scores-<name>.pkl` with the key of
+    its weights and the test segments, and measured again only when those change."""
+    key = settings_key({"model": digest(model.net), "sets": sets.tests_key})
+    return cached(params.output_dir / "search" / f"scores-{name}.pkl", key, lambda: evaluate(model, sets))
+
+
+def compare_rerankers(params: Params, model: Embedder, sets: SearchSets, rerankers: dict[str, Callable | None]
+                      ) -> pd.DataFrame:
+    """:func:`evaluate` of `model` once per re-ranker (None: plain search), one row each, indexed by its name
+    (`query`). Kept in `outputs/<profile>/search/rerankers.pkl` with the key of the model's weights, the test
+    segments, the re-rankers' names (which carry their settings) and `search.top`."""
+    key = settings_key({"model": digest(model.net), "segments": sets.tests_key, "rerankers": list(rerankers),
+                        "top": params.search.top})
+    rows = cached(params.output_dir / "search" / "rerankers.pkl", key, lambda: [
+        {"query": name, **{k.replace("_", " "): v for k, v in evaluate(model, sets, rerank).items()}}
+        for name, rerank in rerankers.items()])
+    return pd.DataFrame(rows).set_index("query")

@@ -2,6 +2,8 @@
 
 The search engine embeds with ONNX Runtime when the model's `model.onnx` sits beside its `model.pt`
 and onnxruntime is installed, with PyTorch otherwise: both give the same vectors to about 1e-7.
+Notebook 10 exports and checks once per model (:func:`export_checked_onnx`) and embeds its catalogue once
+per model and catalogue (:func:`embed_catalogue`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import torch
 
 from audiokd_lib.audio.loading import load_audio
 from audiokd_lib.compress.export import onnx_session
-from audiokd_lib.core.files import atomic_path
+from audiokd_lib.core.files import atomic_path, cached, digest, file_digest
 from audiokd_lib.core.metrics import median_ms
-from audiokd_lib.core.params import SearchParams
+from audiokd_lib.core.params import Params, SearchParams
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.search import model as embedding
-from audiokd_lib.search.features import FEATURE_KEYS, MODALITIES, make_segments, piece_features
+from audiokd_lib.search.features import FEATURE_KEYS, MODALITIES, Segments, make_segments, piece_features
 
 OPSET = 17
 
@@ -67,6 +70,28 @@ def check_onnx(model: embedding.Embedder, path: str | Path, features: dict[str, 
         torch.set_num_threads(previous)
     return {"mse": float(np.mean((expected - got) ** 2)), "min_cosine": float((expected * got).sum(1).min()),
             "segments": len(expected), **times}
+
+
+def export_checked_onnx(model: embedding.Embedder, path: str | Path, features: dict[str, torch.Tensor]
+                        ) -> dict[str, float]:
+    """`model` exported to `path` (:func:`export_onnx`) and checked against PyTorch on the segments `features`
+    (:func:`check_onnx`). The check is kept beside the export (`.check.pkl`) with the key of the model's
+    weights and the segments: while both are the same and the export is there, nothing is exported or timed
+    again."""
+    path = Path(path)
+    key = settings_key({"model": digest(model.net), "segments": digest(dict(features))})
+    return cached(path.with_suffix(".check.pkl"), key, lambda: check_onnx(model, export_onnx(model, path), features),
+                  needs=[path])
+
+
+def embed_catalogue(params: Params, model_path: str | Path, catalogue: Segments) -> np.ndarray:
+    """(segments, dim) vectors of every catalogue segment by the model at `model_path`, run as the search engine
+    runs it (:func:`runtime`). Kept in `outputs/<profile>/search/catalogue-vectors.pkl` with the key of the
+    model file and the segments, and embedded again only when those change."""
+    key = settings_key({"model": file_digest(model_path),
+                        "segments": digest(catalogue.items["group"].to_numpy(), dict(catalogue.features))})
+    return cached(params.output_dir / "search" / "catalogue-vectors.pkl", key,
+                  lambda: runtime(model_path)(catalogue.features))
 
 
 def runtime(model_path: str | Path) -> embedding.Embedder | OnnxEmbedder:

@@ -25,8 +25,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from audiokd_lib.core.files import atomic_folder, write_csv, write_json
-from audiokd_lib.core.params import SearchIndexParams
+from audiokd_lib.core.files import atomic_folder, cached, write_csv, write_json
+from audiokd_lib.core.params import Params, SearchIndexParams
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.search.metrics import expand_query, mmr_order
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".aif", ".aiff", ".opus")
@@ -175,6 +176,15 @@ def benchmark(ip: SearchIndexParams, dim: int, seed: int = 0, kinds: tuple[str, 
     finally:
         faiss.omp_set_num_threads(threads)
     return pd.DataFrame(rows)
+
+
+def scaling_benchmark(params: Params) -> pd.DataFrame:
+    """:func:`benchmark` of the profile's `search.index` settings at its embedding size, kept in
+    `outputs/<profile>/search/index-bench.pkl` with the key of those settings and the seed: measured again
+    only when they change."""
+    ip, dim, seed = params.search.index, params.search.embedding_dim, params.seed
+    key = settings_key({"index": ip.model_dump(), "dim": dim, "seed": seed})
+    return cached(params.output_dir / "search" / "index-bench.pkl", key, lambda: benchmark(ip, dim, seed=seed))
 
 
 def audio_files(paths: list[str | Path]) -> list[Path]:

@@ -13,7 +13,8 @@
   embedding of the same crops: its direction (1 - cosine) or its in-batch similarities (relational).
 - **Training** (:func:`train_embedding`): the epochs, patience and resumable state are
   :class:`~audiokd_lib.core.loop.EpochLoop`'s; :func:`fit_embedding` reuses a finished run with the same
-  settings (:mod:`~audiokd_lib.beats.reuse`).
+  settings (:mod:`~audiokd_lib.models.reuse`). :func:`tune` is the short Optuna search over the learning
+  rate and the contrastive temperature that comes first.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from audiokd_lib.beats.reuse import Fit, digest, run_folder, train_or_reuse
-from audiokd_lib.core.files import atomic_path, file_digest
+from audiokd_lib.core.files import atomic_path, cached, digest, file_digest, run_folder
 from audiokd_lib.core.loop import EpochLoop
 from audiokd_lib.core.params import Params, SearchParams
+from audiokd_lib.core.tracking import settings_key
 from audiokd_lib.models.checkpoints import read_kind, write_checkpoint
+from audiokd_lib.models.reuse import Fit, train_or_reuse
 from audiokd_lib.search.features import MODALITIES, Segments, channels, crop, segment_frames, settings
 from audiokd_lib.search.metrics import retrieval_scores
 
@@ -335,6 +337,41 @@ def recordings_digest(train: list[Recording], val: tuple[Segments, Segments]) ->
     groups, the validation segments' features and groups."""
     return digest([[r.group, r.features] for r in train],
                   [[v.items["group"].to_numpy(), dict(v.features)] for v in val])
+
+
+def tune(params: Params, train: list[Recording], val: tuple[Segments, Segments],
+         device: str | torch.device = "cpu") -> pd.DataFrame:
+    """Optuna's TPE search over the small contrastive model's learning rate and `supcon_temperature`:
+    `search.optuna_trials` trials (the profile's own values first), each trained `search.optuna_epochs` epochs
+    and scored by validation mAP. One row per trial: number, lr, supcon_temperature, val mAP.
+
+    The table is kept in `outputs/<profile>/search/optuna.pkl` with the key of the search settings, the seed,
+    the data (:func:`recordings_digest`) and the device, and the study runs again only when those change.
+    """
+    import optuna
+
+    sp, seed = params.search, params.seed
+
+    def trial_score(trial: optuna.Trial) -> float:
+        model = build(sp, params.beats.pieces.sample_rate, seed=seed)
+        fit = train_embedding(model, train, val, sp, seed, loss="supcon", progress=False, device=device,
+                              lr=trial.suggest_float("lr", 1e-3, 1e-2, log=True),
+                              supcon_temperature=trial.suggest_float("supcon_temperature", 0.02, 0.2, log=True),
+                              epochs=sp.optuna_epochs)
+        return fit.best["mAP"]
+
+    def study() -> pd.DataFrame:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        found = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        found.enqueue_trial({"lr": sp.train.lr, "supcon_temperature": sp.supcon_temperature})
+        found.optimize(trial_score, n_trials=sp.optuna_trials, show_progress_bar=True)
+        return (found.trials_dataframe()[["number", "params_lr", "params_supcon_temperature", "value"]]
+                .rename(columns={"params_lr": "lr", "params_supcon_temperature": "supcon_temperature",
+                                 "value": "val mAP"}))
+
+    key = settings_key({"search": sp.model_dump(), "seed": seed, "data": recordings_digest(train, val),
+                        "device": str(device)})
+    return cached(params.output_dir / "search" / "optuna.pkl", key, study)
 
 
 def fit_embedding(params: Params, name: str, model: Embedder, train: list[Recording],
