@@ -12,7 +12,7 @@ import torch
 from audiokd_lib import training
 from audiokd_lib.core import distributed, tracking
 from audiokd_lib.core.params import DistributedParams, load_params
-from audiokd_lib.experiment import runs
+from audiokd_lib.experiment import runs, workers
 from audiokd_lib.models import students
 from audiokd_lib.separation import crnn, separator
 
@@ -40,9 +40,9 @@ def test_fit_outside_torchrun_says_how_to_start_it(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     (tmp_path / "job.pt").write_bytes(b"")
     with pytest.raises(RuntimeError, match="torchrun"):
-        runs.fit_job_file(tmp_path / "job.pt")
+        workers.fit_job_file(tmp_path / "job.pt")
     with pytest.raises(FileNotFoundError, match="no such job file"):
-        runs.fit_job_file(tmp_path / "missing.pt")
+        workers.fit_job_file(tmp_path / "missing.pt")
 
 
 def _without_batch_statistics(model):
