@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -44,8 +44,8 @@ from audiokd_lib.audio.features import SkippedFiles, iter_clips
 from audiokd_lib.compress.distill import distillation_loss, logits_at, soft_targets
 from audiokd_lib.compress.export import head_module
 from audiokd_lib.compress.prune import recalibrate_batchnorm
-from audiokd_lib.core import distributed, metrics
-from audiokd_lib.core.files import atomic_path, write_json
+from audiokd_lib.core import distributed, metrics, tracking
+from audiokd_lib.core.files import atomic_path, file_digest, write_json
 from audiokd_lib.core.loop import EpochLoop
 from audiokd_lib.core.losses import hard_loss
 from audiokd_lib.core.params import KDParams, Params, TrainParams
@@ -87,6 +87,23 @@ class FeatureSet:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def result_key(data: dict[str, FeatureSet] | str, checkpoints: Iterable[str | Path] = (), **settings) -> str:
+    """The key of a result computed from models (their checkpoints' hashes) on `data` with `settings`: equal
+    keys, the same result, which :func:`~audiokd_lib.core.files.cached` then reads back instead of computing.
+
+    `data`: feature sets (every split's clips and targets, the real recordings' included) or a data
+    fingerprint; `settings`: plain values or settings sections (e.g. `prune=params.prune`).
+    """
+    if not isinstance(data, str):
+        digest = hashlib.sha256()
+        for split in sorted(data):
+            clips = data[split]
+            digest.update(split.encode() + "\n".join(clips.paths).encode() + clips.targets.numpy().tobytes())
+        data = digest.hexdigest()[:12]
+    plain = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in settings.items()}
+    return tracking.settings_key({"data": data, "checkpoints": [file_digest(c) for c in checkpoints], **plain})
 
 
 def is_multilabel(table: pd.DataFrame) -> bool:

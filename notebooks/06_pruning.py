@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from tqdm.auto import tqdm
 
+from audiokd_lib import training
 from audiokd_lib.compress import prune
 from audiokd_lib.core.files import cached
 from audiokd_lib.core.losses import hard_loss
@@ -297,7 +298,7 @@ repair.round(3)
 
 #
 # The sweep is the costly part of this notebook: it runs once per source checkpoint, pruning settings and
-# clips, and a second run reads its table back (`cached`, keyed by `evaluation.result_key`).
+# clips, and a second run reads its table back (`cached`, keyed by `training.result_key`).
 
 # %%
 def sensitivity() -> pd.DataFrame:
@@ -311,7 +312,7 @@ def sensitivity() -> pd.DataFrame:
                          for stage, model in (("as trained", pruned), ("recalibrated", recalibrated(pruned)))])
 
 
-key = evaluation.result_key(sets, [runs.checkpoint_path(params, source["model"])], prune=params.prune)
+key = training.result_key(sets, [runs.checkpoint_path(params, source["model"])], prune=params.prune)
 curves = cached(params.output_dir / "models" / "pruning-sensitivity.pkl", key, sensitivity)
 curves = curves.rename(columns=results.TABLE_COLUMNS)
 display(curves.round(3))

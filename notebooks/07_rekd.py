@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 from IPython.display import Image, Markdown, display
 
+from audiokd_lib import training
 from audiokd_lib.compress import export, prune, soft_labels
 from audiokd_lib.core.files import cached
 from audiokd_lib.core.params import load_params
@@ -161,7 +162,7 @@ def export_and_compare() -> tuple[dict, dict]:
 
 # Once per final checkpoint, clips and threads (and again if the file is gone): a second run reads both back.
 checked, timed = cached(onnx_file.with_suffix(".check.pkl"),
-                        evaluation.result_key(sets, [checkpoint], threads=params.threads), export_and_compare,
+                        training.result_key(sets, [checkpoint], threads=params.threads), export_and_compare,
                         needs=[onnx_file])
 display(pd.Series(checked, name=onnx_file.name))
 display(pd.DataFrame(timed).rename_axis("batch").round(3))

@@ -42,15 +42,14 @@ import pandas as pd
 import torch
 from IPython.display import HTML, Image, Markdown, display
 
-from audiokd_lib import classify, training
 from audiokd_lib.audio.loading import load_audio, resample
 from audiokd_lib.core import metrics, plots, tracking
-from audiokd_lib.core.files import cached
 from audiokd_lib.core.params import load_params
 from audiokd_lib.data import real_eval, tables, taxonomy
 from audiokd_lib.experiment import evaluation, report, results, runs
 from audiokd_lib.models import checkpoints, students, teachers
-from audiokd_lib.separation import crnn, detector as detection, quality, stem_selection
+from audiokd_lib.separation import crnn, quality, stem_selection
+from audiokd_lib.separation import detector as detection
 from audiokd_lib.separation.crnn import MaskCRNN, level
 from audiokd_lib.separation.quality import SDR_CLAMP_DB
 from audiokd_lib.separation.separator import load_demucs, open_separator
@@ -264,12 +263,7 @@ print(f"instruments per training piece: {sets['train'].targets.sum(1).mean():.1f
 
 # %%
 audioset = teachers.pretrained_audioset(detector_params)
-# Run once per teacher and clips: a second run reads the logits back.
-zero_shot = cached(params.output_dir / "models" / "detector-teacher-logits.pkl",
-                   evaluation.result_key(sets, teacher=teachers.teacher_identity(audioset),
-                                         features=detector_params.features),
-                   lambda: {split: teachers.openmic_logits(training.predict(audioset, s), audioset.classes, classes)
-                            for split, s in sets.items()})
+zero_shot = detection.zero_shot_logits(detector_params, audioset, sets, classes)  # a second run reads them back
 scale, shift = teachers.fit_calibration(zero_shot["train"], sets["train"].targets)
 teacher_logits = {split: scale * logits + shift for split, logits in zero_shot.items()}
 teacher_table = pd.DataFrame({
@@ -325,18 +319,8 @@ if recordings is None:
     print("no real recordings (see notebook 01): no real precision or recall")
 else:
     solos = recordings[recordings["openmic_class"].isin(classes)]
-
-    def named_on_solos() -> pd.DataFrame:
-        heard = pd.DataFrame({"file": solos["file"], "plays": solos["openmic_class"]})
-        for job in jobs:
-            answers = [classify.classify_file(job.model, path, top_k=len(classes)).top for path in solos["path"]]
-            heard[job.name] = [", ".join(c for c, p in top if p >= sp.threshold) for top in answers]
-        return heard
-
-    # Once per detector checkpoints, recordings and threshold: a second run reads the table back.
-    display(cached(params.output_dir / "models" / "detector-real-solos.pkl",
-                   evaluation.result_key("\n".join(solos["path"]), [runs.checkpoint_path(params, j.name) for j in jobs],
-                                         threshold=sp.threshold), named_on_solos))
+    detectors = {job.name: runs.checkpoint_path(params, job.name) for job in jobs}
+    display(detection.named_on_solos(params, detectors, solos, sp.threshold))
 detector_table = results.results_table(params, ["detector"])
 display(detector_table)
 for _, row in detector_table.iterrows():  # the course's target: at least half of what it names is right

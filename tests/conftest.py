@@ -24,6 +24,18 @@ def write_profile(folder: Path, text: str, name: str = "profile") -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def smoke_chain(tmp_path_factory) -> tuple[Path, list]:
+    """(profile, executed notebooks): one papermill run of the whole chain on the smoke profile, shared by
+    the tests of what it leaves behind (and, as the uninterrupted reference, by the killed-chain test)."""
+    from audiokd_lib.experiment.pipeline import run_notebooks
+
+    folder = tmp_path_factory.mktemp("smoke")
+    profile = write_profile(folder, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {folder / 'outputs'}\n",
+                            "smoke")
+    return profile, run_notebooks(profile, log=lambda *_: None)
+
+
 @pytest.fixture
 def smoke_profile(tmp_path: Path) -> Path:
     """The smoke profile with its outputs redirected into tmp_path."""

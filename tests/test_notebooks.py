@@ -40,16 +40,6 @@ def test_pair_in_sync_and_without_outputs(name):
     assert any("parameters" in cell.metadata.get("tags", []) for cell in paired.cells), "no `parameters` cell"
 
 
-@pytest.fixture(scope="module")
-def smoke_chain(tmp_path_factory) -> tuple[Path, list]:
-    """(profile, executed notebooks): one papermill run of the whole chain on the smoke profile, shared by
-    the tests of what it leaves behind."""
-    folder = tmp_path_factory.mktemp("smoke")
-    profile = write_profile(folder, f"extends: {ROOT / 'params' / 'smoke.yaml'}\noutputs: {folder / 'outputs'}\n",
-                            "smoke")
-    return profile, run_notebooks(profile, log=lambda *_: None)
-
-
 def test_every_notebook_runs_with_the_smoke_profile(smoke_chain):
     """One papermill run of the whole chain, as CI's smoke profile does it, and what it must leave behind."""
     smoke_profile, executed = smoke_chain

@@ -7,7 +7,6 @@
   matrix, PR curves (:func:`evaluate`);
 - parameters, checkpoint size, MACs for one clip, CPU latency per clip (:func:`measure`);
 - the learning curve of a run (:func:`loss_figure`);
-- the key of a result that costs, by the models, data and settings it came from (:func:`result_key`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,8 +23,8 @@ import torch
 
 from audiokd_lib.compress import prune
 from audiokd_lib.compress.export import head_module
-from audiokd_lib.core import metrics, plots, tracking
-from audiokd_lib.core.files import atomic_path, file_digest
+from audiokd_lib.core import metrics, plots
+from audiokd_lib.core.files import atomic_path
 from audiokd_lib.core.params import Params
 from audiokd_lib.data import real_eval
 from audiokd_lib.models.classifier import Classifier
@@ -76,23 +74,6 @@ def sets_fingerprint(sets: dict[str, FeatureSet]) -> str:
     for split in sorted(set(sets) - {"real"}):
         digest.update(split.encode() + "\n".join(sets[split].paths).encode() + sets[split].targets.numpy().tobytes())
     return digest.hexdigest()[:12]
-
-
-def result_key(data: dict[str, FeatureSet] | str, checkpoints: Iterable[str | Path] = (), **settings) -> str:
-    """The key of a result computed from models (their checkpoints' hashes) on `data` with `settings`: equal
-    keys, the same result, which :func:`~audiokd_lib.core.files.cached` then reads back instead of computing.
-
-    `data`: feature sets (every split's clips and targets, the real recordings' included) or a data
-    fingerprint; `settings`: plain values or settings sections (e.g. `prune=params.prune`).
-    """
-    if not isinstance(data, str):
-        digest = hashlib.sha256()
-        for split in sorted(data):
-            clips = data[split]
-            digest.update(split.encode() + "\n".join(clips.paths).encode() + clips.targets.numpy().tobytes())
-        data = digest.hexdigest()[:12]
-    plain = {k: v.model_dump() if hasattr(v, "model_dump") else v for k, v in settings.items()}
-    return tracking.settings_key({"data": data, "checkpoints": [file_digest(c) for c in checkpoints], **plain})
 
 
 def measure(params: Params, model: Classifier, checkpoint: Path, example: torch.Tensor) -> dict[str, float]:
