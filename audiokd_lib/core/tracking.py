@@ -135,11 +135,12 @@ def log_final(metrics: dict[str, float], prefix: str = "") -> None:
 
 def log_trained(params: Params, role: str, name: str, task: str, weights: str | Path, history: pd.DataFrame,
                 final: dict[str, float], params_file: str | Path | None = None,
-                tags: dict[str, str] | None = None) -> str:
-    """One run for a model trained outside the classification runs (notebook 09's beat trackers, notebook
-    10's embedding models): its learning curve (`history`, one row per `epoch`), its final scores and its
-    weights file; return the run's id. "@" in a name (recall@5) becomes "_at_", which MLflow accepts;
-    NaN scores (not measured) are left out. `tags` are added to the run's (e.g. its settings key)."""
+                tags: dict[str, str] | None = None, artifacts: list[str | Path] = ()) -> str:
+    """One run for a model trained outside the classification runs (notebook 08's separator, notebook 09's
+    beat trackers, notebook 10's embedding models): its learning curve (`history`, one row per `epoch`), its
+    final scores, its weights file and other `artifacts` (a figure); return the run's id. "@" in a name
+    (recall@5) becomes "_at_", which MLflow accepts; NaN scores (not measured) are left out. `tags` are added
+    to the run's (e.g. its settings key)."""
     def clean(metrics: dict) -> dict[str, float]:
         return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch" and v == v}  # not NaN
 
@@ -147,7 +148,7 @@ def log_trained(params: Params, role: str, name: str, task: str, weights: str | 
         for row in history.to_dict("records"):
             log_epoch(clean(row), int(row["epoch"]))
         log_final(clean(final))
-        log_artifacts([weights])
+        log_artifacts([weights, *artifacts])
         return run.info.run_id
 
 

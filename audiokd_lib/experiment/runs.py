@@ -259,19 +259,16 @@ def train_separator(params: Params, pieces: pd.DataFrame, params_file: str | Pat
         model = crnn.load_crnn(result.checkpoint)
     else:
         model, result = train_crnn_job(params, pieces, model_dir(params, name), progress=progress)
-    tags = {"model": name, "settings": key, "dataset_fingerprint": data_fp, "stopped": result.stopped}
-    with tracking.start_run(params, "separator", name, tags, params_file) as run:
-        _log_history(result.history)
-        fig = loss_figure(result.history, None, f"{name} (stopped: {result.stopped})", "L1 magnitude loss")
-        curve = plots.save_fig(fig, params, f"{name}_loss")
-        plt.close(fig)
-        cost = metrics.complexity(model, torch.zeros(1, 1, sample_rate), result.checkpoint,
-                                  threads=torch.get_num_threads(), repeats=5, warmup=1, batch=8)
-        tracking.log_final({**asdict(cost), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
-                            "epochs_run": len(result.history),
-                            "train_seconds": float(result.history["seconds"].sum())})
-        tracking.log_artifacts([result.checkpoint, curve])
-        run_id = run.info.run_id
+    fig = loss_figure(result.history, None, f"{name} (stopped: {result.stopped})", "L1 magnitude loss")
+    curve = plots.save_fig(fig, params, f"{name}_loss")
+    plt.close(fig)
+    cost = metrics.complexity(model, torch.zeros(1, 1, sample_rate), result.checkpoint,
+                              threads=torch.get_num_threads(), repeats=5, warmup=1, batch=8)
+    final = {**asdict(cost), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+             "epochs_run": len(result.history), "train_seconds": float(result.history["seconds"].sum())}
+    run_id = tracking.log_trained(params, "separator", name, "separation", result.checkpoint, result.history, final,
+                                  params_file, tags={"settings": key, "dataset_fingerprint": data_fp,
+                                                     "stopped": result.stopped}, artifacts=[curve])
     return _finish(params, "separator", name, run_id)
 
 
