@@ -133,6 +133,11 @@ def log_final(metrics: dict[str, float], prefix: str = "") -> None:
     mlflow.log_metrics({f"{prefix}{key}": value for key, value in metrics.items()})
 
 
+def metric_name(key: str) -> str:
+    """A score's name as MLflow keeps it ("@" is not allowed: recall@5 is recall_at_5)."""
+    return key.replace("@", "_at_")
+
+
 def log_trained(params: Params, role: str, name: str, task: str, weights: str | Path, history: pd.DataFrame,
                 final: dict[str, float], params_file: str | Path | None = None,
                 tags: dict[str, str] | None = None, artifacts: list[str | Path] = ()) -> str:
@@ -142,7 +147,7 @@ def log_trained(params: Params, role: str, name: str, task: str, weights: str | 
     (recall@5) becomes "_at_", which MLflow accepts; NaN scores (not measured) are left out. `tags` are added
     to the run's (e.g. its settings key)."""
     def clean(metrics: dict) -> dict[str, float]:
-        return {k.replace("@", "_at_"): float(v) for k, v in metrics.items() if k != "epoch" and v == v}  # not NaN
+        return {metric_name(k): float(v) for k, v in metrics.items() if k != "epoch" and v == v}  # not NaN
 
     with start_run(params, role, name, {"model": name, "task": task, **(tags or {})}, params_file) as run:
         for row in history.to_dict("records"):

@@ -71,16 +71,11 @@ def train_or_reuse(params: Params, role: str, name: str, settings: dict[str, Any
     return fit
 
 
-def metric_name(key: str) -> str:
-    """A score's name as MLflow keeps it ("@" is not allowed: recall@5 is recall_at_5)."""
-    return key.replace("@", "_at_")
-
-
 def add_scores(params: Params, fit: Fit, scores: dict[str, float]) -> dict[str, float]:
     """Add scores measured after training to the model's MLflow run; those it already holds with the same
     value are not written again. Return what was written."""
     held = fit.run if fit.run is not None else {}
-    new = {metric_name(k): float(v) for k, v in scores.items() if v == v}  # NaN: not measured, not logged
+    new = {tracking.metric_name(k): float(v) for k, v in scores.items() if v == v}  # NaN: not measured, not logged
     new = {k: v for k, v in new.items() if not (k in held and held[k] == v)}
     if new:
         tracking.add_metrics(params, fit.run_id, new)
